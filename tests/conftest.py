@@ -1,6 +1,12 @@
 """Shared pytest set-up: the `slow` marker and deterministic, single-threaded-friendly defaults."""
+import os
+import sys
+
 import pytest
 import torch
+
+# Make the repository importable for plain `pytest` as well as `python -m pytest`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_configure(config):

@@ -14,8 +14,9 @@ NaN scores sort as larger than every number (torch.sort's rule).
 import torch
 from torch import Tensor
 
-# Rows of the IoU matrix computed at once in NMS: bounds the temporary to (_NMS_TILE, N) floats.
-_NMS_TILE = 1024
+# Boxes resolved per step of the blocked NMS: large enough to amortise the per-tile overhead, small enough that
+# the sequential scan over a (T, T) matrix stays cheap.
+_NMS_TILE = 256
 
 
 def _check_boxes(boxes: Tensor, name: str = "boxes") -> None:
@@ -84,24 +85,35 @@ def _greedy_nms(boxes: Tensor, iou_threshold: float, groups: Tensor | None) -> T
     """Greedy NMS over boxes already sorted by decreasing score; returns a (N,) bool mask of the kept boxes.
 
     Box i is kept unless a kept box j < i overlaps it with IoU > iou_threshold (and, with `groups`, has the same
-    group). The IoU matrix is computed on the boxes' device a tile of rows at a time; the inherently sequential scan
-    runs on the CPU over a boolean "suppresses" matrix, visiting only the boxes still alive.
+    group). Blocked algorithm: boxes are visited a tile at a time; a tile is first tested against every box kept
+    so far (one (T, K) IoU matrix on the boxes' device), and only then resolved internally by the inherently
+    sequential greedy scan, which runs on the CPU over a small (T, T) "suppresses" matrix. This computes IoU only
+    against kept boxes, O(N * (K + T)) instead of O(N^2), and syncs with the device once per tile.
     """
     n = boxes.shape[0]
-    removed = torch.zeros(n, dtype=torch.bool)
+    keep = torch.zeros(n, dtype=torch.bool)
+    kept = torch.zeros(n, dtype=torch.bool, device=boxes.device)
     for start in range(0, n, _NMS_TILE):
         stop = min(start + _NMS_TILE, n)
-        # suppresses[i, j]: box start+i removes box start+j if i is kept. Only j > i counts: a box never removes
-        # itself or an earlier (higher-scoring) box, hence the strict upper triangle.
-        suppresses = _pairwise_iou(boxes[start:stop], boxes[start:]) > iou_threshold  # (T, N - start)
+        tile = boxes[start:stop]  # (T, 4)
+        prev = kept[:start]
+        # Removed by an earlier kept box?
+        hits = _pairwise_iou(tile, boxes[:start][prev]) > iou_threshold  # (T, K)
         if groups is not None:
-            suppresses &= groups[start:stop, None] == groups[None, start:]
+            hits &= groups[start:stop, None] == groups[:start][prev][None, :]
+        alive = (~hits.any(dim=1)).cpu().numpy()  # (T,)
+        # suppresses[i, j]: tile box i removes tile box j if i is kept. Only j > i counts (a box never removes itself
+        # or a higher-scoring box), hence the strict upper triangle.
+        suppresses = _pairwise_iou(tile, tile) > iou_threshold  # (T, T)
+        if groups is not None:
+            suppresses &= groups[start:stop, None] == groups[None, start:stop]
         suppresses = suppresses.triu_(diagonal=1).cpu().numpy()
-        removed_here = removed[start:].numpy()  # a view: in-place writes update `removed`
         for i in range(stop - start):
-            if not removed_here[i]:  # box start+i is kept
-                removed_here |= suppresses[i]
-    return ~removed
+            if alive[i]:
+                alive &= ~suppresses[i]
+        keep[start:stop] = torch.from_numpy(alive)
+        kept[start:stop] = keep[start:stop].to(kept.device)
+    return keep
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:

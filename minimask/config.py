@@ -1,0 +1,263 @@
+"""Run configurations: nested dataclasses holding every setting, and named presets.
+
+A preset is plain data: a name and a list of "dotted.key=value" overrides applied to the defaults below, which
+are the paper's model (R50-FPN, GroupNorm everywhere it belongs, 4conv1fc box head, trained from random init).
+`get_config(name, overrides)` returns a fresh `Config`; only the builders (`minimask.build_model`, and the
+trainer) read it. Modules never see a Config: they take plain keyword arguments.
+
+Each field's comment names where its default comes from. Sources: D2 = detectron2 (configs/Base-RCNN-FPN.yaml,
+config/defaults.py, the scratch_* and *_gn configs), D1 = Detectron, TV = torchvision, Paper = "Rethinking
+ImageNet Pre-training" (He, Girshick, Dollar 2019), FPN = Lin et al. 2017. See ../shared/reference/mask-rcnn-spec.md.
+"""
+import ast
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 50  # Paper: R50 is the main model; 18/34/50/101/152
+    groups: int = 1  # ResNeXt cardinality (32 for X101/X152); groups apply to the 3x3 convs only
+    width_per_group: int = 64  # 64 for ResNet, 4 or 8 for ResNeXt 32x4d / 32x8d (D2 X_101_32x8d yaml)
+    norm: str = "GN"  # Paper Sec. 3: GN or SyncBN when training from scratch; "BN", "SyncBN", "GN", "FrozenBN", ""
+    stride_in_1x1: bool = False  # D2: False for all GN and scratch configs (stride on the 3x3, as torchvision)
+    freeze_at: int = 0  # D2 scratch configs: 0 = nothing frozen (freezing costs ~3 AP from scratch, D1 GN README)
+
+
+@dataclass
+class FPNConfig:
+    out_channels: int = 256  # FPN Sec. 3 / D2 FPN.OUT_CHANNELS
+    norm: str = "GN"  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml: GN on lateral and output convs
+
+
+@dataclass
+class RPNConfig:
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # FPN Sec. 4.1: one size per level P2..P6
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)  # FPN Sec. 4.1 (h / w)
+    anchor_offset: float = 0.0  # D2 ANCHOR_GENERATOR.OFFSET
+    fg_iou: float = 0.7  # Faster R-CNN Sec. 3.1.2 / D2 RPN.IOU_THRESHOLDS
+    bg_iou: float = 0.3
+    batch_size_per_image: int = 256  # anchors sampled per image (D2)
+    positive_fraction: float = 0.5
+    box_reg_loss: str = "l1"  # D2 (SMOOTH_L1_BETA 0); D1/TV use smooth_l1 with beta 1/9
+    smooth_l1_beta: float = 0.0
+    pre_nms_topk_train: int = 2000  # per level (D2 Base-RCNN-FPN.yaml)
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 1000  # per image (D2 Base-RCNN-FPN.yaml; keypoints 1500, cascade 2000)
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7  # D2
+    min_size: float = 0.0  # D2: drop proposals with a side <= 0
+
+
+@dataclass
+class RoIHeadsConfig:
+    num_classes: int = 80  # COCO; the trainer replaces it by the dataset's unless the config pins it
+    fg_iou: float = 0.5  # Fast R-CNN Sec. 2.3 / D2 ROI_HEADS.IOU_THRESHOLDS
+    batch_size_per_image: int = 512  # D2 ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    positive_fraction: float = 0.25  # D2
+    append_gt: bool = True  # D2 PROPOSAL_APPEND_GT
+    sampling_ratio: int = 0  # RoIAlign samples per bin; D2: 0 = adaptive ceil(roi / bin); D1/TV: 2
+    aligned: bool = True  # D2 ROIAlignV2: half-pixel shift; D1/TV: False
+    score_thresh: float = 0.05  # D2 ROI_HEADS.SCORE_THRESH_TEST
+    nms_thresh: float = 0.5  # D2 ROI_HEADS.NMS_THRESH_TEST
+    detections_per_image: int = 100  # COCO evaluates 100 detections per image
+
+
+@dataclass
+class BoxHeadConfig:
+    conv_dims: tuple = (256, 256, 256, 256)  # 4conv1fc: every GN/SyncBN/scratch config (D2, D1, MMDet)
+    fc_dims: tuple = (1024,)
+    norm: str = "GN"  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml: GN in the box-head convs, none on the fc
+    resolution: int = 7  # RoIAlign output (Mask R-CNN Sec. 3)
+    reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)  # D2 / D1 / TV BBOX_REG_WEIGHTS
+    reg_loss: str = "l1"  # D2: L1; keypoint configs smooth_l1 with beta 0.5
+    smooth_l1_beta: float = 0.0
+    class_agnostic: bool = False  # D2 CLS_AGNOSTIC_BBOX_REG
+
+
+@dataclass
+class MaskHeadConfig:
+    enabled: bool = True  # Mask R-CNN
+    conv_dims: tuple = (256, 256, 256, 256)  # Mask R-CNN Fig. 4 (right) / D2 NUM_CONV 4
+    norm: str = "GN"  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml
+    resolution: int = 14  # RoIAlign output; the deconv doubles it to 28 x 28 logits
+
+
+@dataclass
+class KeypointHeadConfig:
+    enabled: bool = False  # only the *_keypoint presets
+    num_keypoints: int = 17  # COCO person keypoints
+    conv_dims: tuple = (512,) * 8  # Mask R-CNN Sec. 5 / D2 ROI_KEYPOINT_HEAD.CONV_DIMS
+    resolution: int = 14
+    heatmap_size: int = 56  # deconv (28) then bilinear x2 (D2)
+
+
+@dataclass
+class CascadeConfig:
+    enabled: bool = False  # Cascade R-CNN (Cai & Vasconcelos 2018), the paper's enhanced system
+    ious: tuple = (0.5, 0.6, 0.7)  # D2 ROI_BOX_CASCADE_HEAD.IOUS
+    reg_weights: tuple = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))  # D2
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    # Pixel convention the backbone expects. Images enter the model as RGB floats in [0, 1]; the model multiplies
+    # by pixel_scale, reorders channels to input_format, then subtracts pixel_mean and divides by pixel_std (both
+    # given in input_format order). From scratch any fixed normalisation works; D2's 9x scratch configs use
+    # BGR 0-255 with the MSRA mean and the ImageNet std. ImageNet init must match the weights (spec Sec. 1.5).
+    input_format: str = "BGR"
+    pixel_scale: float = 255.0
+    pixel_mean: tuple = (103.530, 116.280, 123.675)  # D2 PIXEL_MEAN
+    pixel_std: tuple = (57.375, 57.120, 58.395)  # D2 scratch_mask_rcnn_R_50_FPN_9x_gn.yaml PIXEL_STD
+    size_divisibility: int = 32  # pad so every FPN level (stride up to 32) tiles the image exactly (D2)
+
+
+@dataclass
+class InputConfig:
+    min_size_train: tuple = (800,)  # Paper baseline: 800 only; its scale-augmented runs use 640..800 step 32
+    max_size_train: int = 1333
+    min_size_test: int = 800  # D2 / D1 test scale
+    max_size_test: int = 1333
+    horizontal_flip: bool = True  # the paper's only augmentation in the baseline
+
+
+@dataclass
+class DataConfig:
+    train: str = "datasets/coco"  # a COCO root, annotation/image pairs, or "synthetic"
+    num_workers: int = 4
+    filter_empty: bool = True  # D2: images without usable annotations are dropped from training
+
+
+@dataclass
+class SolverConfig:
+    batch_size: int = 16  # global; Paper / D2: 8 GPUs x 2 images
+    base_lr: float = 0.02  # at batch 16; scaled linearly with batch_size (Goyal et al. 2017)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # D2 WEIGHT_DECAY_NORM / D1 WEIGHT_DECAY_GN
+    max_iter: int = 270_000  # 3x; the paper compares 2x..6x (LR x0.1 at the last 60k and 20k)
+    steps: tuple = (210_000, 250_000)
+    gamma: float = 0.1
+    warmup_iters: int = 1000  # D2 linear warm-up
+    warmup_factor: float = 0.001
+    amp: bool = False  # the paper-era configs train in fp32
+    checkpoint_period: int = 5000
+    eval_period: int = 10_000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: name -> overrides of the defaults above (the defaults are the paper's R50-FPN GN model).
+
+_FROZENBN_2FC = [
+    "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2", "model.backbone.stride_in_1x1=True",
+    "model.fpn.norm=", "model.box_head.conv_dims=()", "model.box_head.fc_dims=(1024, 1024)",
+    "model.box_head.norm=", "model.mask_head.norm=", "model.pixel_std=(1.0, 1.0, 1.0)",
+]  # the classic ImageNet fine-tuning baseline (D2 mask_rcnn_R_50_FPN_3x.yaml)
+_SYNCBN = ["model.backbone.norm=SyncBN", "model.fpn.norm=SyncBN", "model.box_head.norm=SyncBN",
+           "model.mask_head.norm=SyncBN"]  # D2 scratch_mask_rcnn_R_50_FPN_9x_syncbn.yaml
+_KEYPOINT = [
+    "model.roi_heads.num_classes=1", "model.mask_head.enabled=False", "model.keypoint_head.enabled=True",
+    "model.rpn.post_nms_topk_train=1500", "model.box_head.reg_loss=smooth_l1", "model.box_head.smooth_l1_beta=0.5",
+]  # D2 Base-Keypoint-RCNN-FPN.yaml: person only, 1500 proposals, smooth-L1 0.5 (plain L1 hurts keypoint AP)
+_TINY = [
+    "model.backbone.depth=18", "model.backbone.norm=GN", "model.fpn.out_channels=64",
+    "model.rpn.pre_nms_topk_train=300", "model.rpn.pre_nms_topk_test=300", "model.rpn.post_nms_topk_train=100",
+    "model.rpn.post_nms_topk_test=100", "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=64",
+    "model.box_head.conv_dims=(64, 64)", "model.box_head.fc_dims=(128,)", "model.mask_head.conv_dims=(64, 64)",
+    "model.keypoint_head.conv_dims=(64, 64)", "model.roi_heads.num_classes=3",
+    "input.min_size_train=(128,)", "input.max_size_train=128", "input.min_size_test=128", "input.max_size_test=128",
+    "data.train=synthetic", "data.num_workers=0", "solver.batch_size=2", "solver.base_lr=0.01",
+    "solver.max_iter=300", "solver.steps=(200, 270)", "solver.warmup_iters=50", "solver.checkpoint_period=100",
+    "solver.eval_period=100",
+]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs
+
+PRESETS: dict[str, list[str]] = {
+    "r50_fpn_gn": [],
+    "r101_fpn_gn": ["model.backbone.depth=101"],
+    "x101_32x8d_fpn_gn": ["model.backbone.depth=101", "model.backbone.groups=32", "model.backbone.width_per_group=8"],
+    "x152_32x8d_fpn_gn": ["model.backbone.depth=152", "model.backbone.groups=32", "model.backbone.width_per_group=8"],
+    "r50_fpn_syncbn": _SYNCBN,
+    "r50_fpn_frozenbn": _FROZENBN_2FC,
+    "r50_fpn_gn_cascade": ["model.cascade.enabled=True", "model.box_head.class_agnostic=True",
+                           "model.rpn.post_nms_topk_train=2000"],  # D2 cascade_mask_rcnn_R_50_FPN_3x.yaml
+    "r50_fpn_gn_keypoint": _KEYPOINT,
+    "r50_fpn_gn_box": ["model.mask_head.enabled=False"],  # Faster R-CNN
+    "tiny": _TINY,
+    "tiny_keypoint": _TINY + _KEYPOINT + ["model.keypoint_head.conv_dims=(64, 64)", "model.rpn.post_nms_topk_train=100"],
+}
+
+
+def get_config(name: str = "r50_fpn_gn", overrides: typing.Iterable[str] = ()) -> Config:
+    """A fresh Config for preset `name`, with "dotted.key=value" overrides applied in order on top of it.
+
+    Values are parsed as Python literals and checked against the field's type: `model.backbone.depth=101`,
+    `solver.steps=(480000, 520000)`, `model.fpn.norm=` (empty string). Unknown keys and wrong types raise
+    ValueError naming the key.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = Config()
+    for item in [*PRESETS[name], *overrides]:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Set one "dotted.key=value" on cfg in place (see get_config)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            raise ValueError(f"unknown config key {key!r}")
+        node = getattr(node, part)
+    fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+    if leaf not in fields or dataclasses.is_dataclass(getattr(node, leaf)):
+        raise ValueError(f"unknown config key {key!r}")
+    setattr(node, leaf, _parse_value(key, text.strip(), getattr(node, leaf)))
+
+
+def _parse_value(key: str, text: str, current):
+    expected = type(current)
+    if expected is str:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"config key {key!r} expects a {expected.__name__}, got {text!r}") from None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is tuple and isinstance(value, list):
+        value = tuple(value)
+    if expected is tuple and not isinstance(value, tuple):
+        value = (value,)  # "input.min_size_train=800" means (800,)
+    if type(value) is not expected:
+        raise ValueError(f"config key {key!r} expects a {expected.__name__}, got {text!r}")
+    return value
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as nested plain dicts (for printing and saving with a run)."""
+    return dataclasses.asdict(copy.deepcopy(cfg))

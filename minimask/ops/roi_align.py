@@ -1,0 +1,319 @@
+"""RoIAlign (Mask R-CNN, He et al. 2017, Sec. 3 "RoIAlign") in plain PyTorch tensor ops.
+
+Same signature and numbers as `torchvision.ops.roi_align` (the detectron2 / Caffe2 kernel):
+
+* The box is scaled by `spatial_scale`; with `aligned=True` it is also shifted by -0.5 (pixel-centre model,
+  detectron2 "ROIAlignV2") and its size is not clamped; with `aligned=False` the RoI width/height is clamped to >= 1.
+* Bin (ph, pw) averages grid_h x grid_w bilinear samples at y = y0 + ph*bin_h + (iy + .5)*bin_h/grid_h (x likewise);
+  grid = sampling_ratio if > 0, else ceil(roi_h / oh) x ceil(roi_w / ow) per RoI ("adaptive"); count = max(gh*gw, 1).
+* A sample with y < -1, y > H, x < -1 or x > W contributes 0; otherwise y <= 0 becomes 0 and a sample in the last
+  row/column reads that row/column only (the kernel's y_low >= H-1 case).
+
+How it is computed. The validity test and the bilinear weights factor into a y part and an x part, so a bin is
+    out[k, c, ph, pw] = sum_r sum_s Ay[k, ph, r] * F[b_k, c, r, s] * Ax[k, pw, s] / count_k.
+For each bin we list the map rows r with Ay != 0 and the columns s with Ax != 0 (two corners per sample when the grid
+is fixed; in adaptive mode the samples are at most one pixel apart, so the window of rows a bin touches, about
+grid+1 long, is shorter than 2*grid corners). The bin is then a weighted sum of Ly*Lx map pixels, i.e. one row of a
+sparse matrix S (bins x pixels), and the whole op is `out = S @ F` with F as (N*H*W, C): `F.embedding_bag` in "sum"
+mode with per-sample weights computes exactly that, reading each pixel's C channels contiguously. The backward is
+`grad_F = S^T @ grad_out`: the entries are sorted by pixel and reduced with the same primitive, so there are no
+atomics and no per-RoI copy of the feature map. RoIs are processed in chunks so the temporaries stay under
+`_CHUNK_BYTES`; in adaptive mode RoIs are grouped by window size so that a chunk is padded only a little.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Upper bound for the temporaries of one chunk; ~32 bytes per (bin, pixel) entry while building (indices, weights,
+# masks) and ~64 while sorting in the backward.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> Tensor:
+    """Pool a (oh, ow) feature grid from each box (torchvision.ops.roi_align semantics, see module docstring).
+
+    Args:
+        input: (N, C, H, W) float16/bfloat16/float32/float64 feature map, on any device.
+        boxes: Tensor (K, 5) of (batch_index, x1, y1, x2, y2), or a list of N tensors (L_i, 4) of x1 y1 x2 y2
+            (then K = sum L_i, in list order). Coordinates are in input-image pixels; `spatial_scale` maps them onto
+            the map. Box gradients are not computed.
+        output_size: int or (oh, ow).
+        spatial_scale: feature-map size / image size, e.g. 1/4 for a stride-4 map.
+        sampling_ratio: samples per bin along each axis if > 0; <= 0 means adaptive ceil(roi_size / output_size).
+        aligned: detectron2 ROIAlignV2 half-pixel shift (True) or the original Mask R-CNN RoIAlign (False).
+
+    Returns:
+        (K, C, oh, ow) tensor of `input`'s dtype. Computation and accumulation are in float32 (float64 for float64
+        input). Differentiable w.r.t. `input`. K == 0, N == 0 (with no boxes), H == 0 or W == 0 give zeros.
+
+    Notes:
+        A box with a NaN coordinate gives an all-zero output and no gradient (every sample of it counts as outside
+        the map; torchvision's kernel has undefined behaviour there); in adaptive mode a box of infinite size does
+        too. Samples outside the map read no feature at all (as in torchvision's CUDA kernel; its CPU kernel
+        multiplies pixel (0, 0) by 0 for them, so a non-finite value there would leak). Batch indices are truncated
+        to integers and clamped into [0, N-1] (no device sync to check them). With sampling_ratio > 0 there is no
+        host-device synchronisation; adaptive mode reads the grid and window sizes of the RoIs to the host once per
+        call, since it must size its temporaries from them. Double backward is not supported. As in the reference
+        kernel, the work grows with the number of samples (huge boxes in adaptive mode are expensive); the gathered
+        temporaries are bounded by `_CHUNK_BYTES` per chunk of RoIs.
+    """
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError(f"roi_align: input must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
+    if not input.is_floating_point():
+        raise ValueError(f"roi_align: input must be floating point, got {input.dtype}")
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if not (isinstance(oh, int) and isinstance(ow, int) and oh > 0 and ow > 0):
+        raise ValueError(f"roi_align: output_size must be a positive int or a pair of them, got {output_size}")
+    rois = _as_rois(boxes, input)
+    return _RoIAlign.apply(input, rois, (oh, ow), float(spatial_scale), int(sampling_ratio), bool(aligned))
+
+
+def _as_rois(boxes, input: Tensor) -> Tensor:
+    """Validate `boxes` and return them as a (K, 5) tensor (batch_index, x1, y1, x2, y2) on input's device."""
+    n = input.shape[0]
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"roi_align: a boxes tensor must be (K, 5) = (batch_index, x1, y1, x2, y2), "
+                             f"got {tuple(boxes.shape)}")
+        rois = boxes
+    elif isinstance(boxes, (list, tuple)):
+        if len(boxes) != n:
+            raise ValueError(f"roi_align: got {len(boxes)} box tensors for a batch of {n} images")
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"roi_align: boxes[{i}] must be an (L, 4) tensor, got "
+                                 f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        if n == 0:
+            return torch.zeros((0, 5), dtype=input.dtype, device=input.device)
+        dtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float32
+        ids = [torch.full((len(b), 1), i, dtype=dtype, device=input.device) for i, b in enumerate(boxes)]
+        rois = torch.cat([torch.cat(ids), torch.cat([b.to(input.device, dtype) for b in boxes])], dim=1)  # (K, 5)
+    else:
+        raise ValueError(f"roi_align: boxes must be a (K, 5) tensor or a list of (L, 4) tensors, "
+                         f"got {type(boxes).__name__}")
+    if rois.device != input.device:
+        raise ValueError(f"roi_align: boxes are on {rois.device} but input is on {input.device}")
+    if n == 0 and rois.shape[0] > 0:
+        raise ValueError(f"roi_align: {rois.shape[0]} boxes given for an empty batch (N == 0)")
+    return rois
+
+
+class _RoIAlign(torch.autograd.Function):
+    """out = S @ F (forward) and grad_F = S^T @ grad_out (backward), S built chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        n, c, h, w = input.shape
+        oh, ow = output_size
+        k = rois.shape[0]
+        cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # compute / accumulate dtype
+        # int32 entries halve the memory kept for backward and make its sort faster.
+        idtype = torch.int32 if max(n * h * w + 1, k * oh * ow) < 2**31 else torch.int64
+        ctx.input_shape, ctx.input_dtype, ctx.output_size = input.shape, input.dtype, output_size
+        ctx.chunks = []
+        if k == 0 or c == 0 or h == 0 or w == 0:
+            return input.new_zeros((k, c, oh, ow))
+
+        # The map as (N*H*W + 1, C) rows: each pixel's channels are contiguous, and the extra last row is zero so
+        # entries with zero weight can point there and never read (possibly non-finite) features.
+        table = torch.empty((n * h * w + 1, c), dtype=cdtype, device=input.device)  # (NHW+1, C)
+        table[-1] = 0
+        table[:-1].view(n, h, w, c).copy_(input.permute(0, 2, 3, 1))
+        # RoIs without any sample inside the map (possible in adaptive mode) are never written: start from zeros.
+        out = (torch.empty if sampling_ratio > 0 else torch.zeros)((k, c, oh * ow), dtype=input.dtype,
+                                                                   device=input.device)  # (K, C, oh*ow)
+        for roi_ids, idx, wts in _sampling_chunks(rois.detach().to(cdtype), (n, h, w), output_size,
+                                                  spatial_scale, sampling_ratio, aligned, idtype):
+            pooled = F.embedding_bag(idx, table, mode="sum", per_sample_weights=wts)  # (R*oh*ow, C)
+            out.index_copy_(0, roi_ids, pooled.view(-1, oh * ow, c).transpose(1, 2).to(input.dtype))
+            if ctx.needs_input_grad[0]:
+                ctx.chunks.append((roi_ids, idx, wts))
+        return out.view(k, c, oh, ow)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        n, c, h, w = ctx.input_shape
+        oh, ow = ctx.output_size
+        if not ctx.chunks:
+            return torch.zeros(ctx.input_shape, dtype=ctx.input_dtype, device=grad_output.device), *[None] * 5
+        idtype, cdtype = ctx.chunks[0][1].dtype, ctx.chunks[0][2].dtype
+        grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, c).to(cdtype)  # (K*oh*ow, C), one row per bin
+        bins_per_roi = oh * ow
+        grad_table = None
+        for group in _batches(ctx.chunks, max(1, _CHUNK_BYTES // 64)):
+            # The entries of these chunks as (pixel, bin, weight) triples.
+            pixel = torch.cat([idx.reshape(-1) for _, idx, _ in group])  # (E,)
+            weight = torch.cat([wts.reshape(-1) for _, _, wts in group])  # (E,)
+            bins = torch.cat([
+                (roi_ids[:, None] * bins_per_roi + torch.arange(bins_per_roi, device=roi_ids.device))
+                .to(idtype).reshape(-1).repeat_interleave(idx.shape[1]) for roi_ids, idx, _ in group])  # (E,)
+            # S^T @ grad_out without atomics: sort the entries by pixel; each pixel is then one weighted bag of bins.
+            pixel, order = torch.sort(pixel)
+            counts = torch.bincount(pixel, minlength=n * h * w + 1)  # (NHW+1,)
+            offsets = (counts.cumsum(0) - counts).to(idtype)
+            part = F.embedding_bag(bins[order], grad_rows, offsets, mode="sum",
+                                   per_sample_weights=weight[order])  # (NHW+1, C)
+            grad_table = part if grad_table is None else grad_table.add_(part)
+        grad_input = grad_table[:-1].view(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W)
+        return grad_input.to(ctx.input_dtype, memory_format=torch.contiguous_format), *[None] * 5
+
+
+def _batches(chunks, max_entries):
+    """Split the list of chunks into consecutive runs of at most `max_entries` entries (at least one chunk each)."""
+    runs, size = [[]], 0
+    for chunk in chunks:
+        if runs[-1] and size + chunk[1].numel() > max_entries:
+            runs.append([])
+            size = 0
+        runs[-1].append(chunk)
+        size += chunk[1].numel()
+    return runs
+
+
+def _sampling_chunks(rois: Tensor, map_size, output_size, spatial_scale, sampling_ratio, aligned, idtype):
+    """Yield (roi_ids (R,), idx (R*oh*ow, Ly*Lx), weights (R*oh*ow, Ly*Lx)) for chunks of RoIs.
+
+    Row j of a chunk is bin (roi_ids[j // (oh*ow)], ph, pw) in row-major order; its entries are map pixels (rows of
+    the (N*H*W + 1, C) table, dtype `idtype`) and weights whose weighted sum is that bin's output (1/count included).
+    """
+    n, h, w = map_size
+    oh, ow = output_size
+    k = rois.shape[0]
+    batch = rois[:, 0].long().clamp(0, n - 1)  # (K,)
+    offset = 0.5 if aligned else 0.0  # detectron2 ROIAlignV2: pixel centres at +0.5
+    x0 = rois[:, 1] * spatial_scale - offset  # (K,)
+    y0 = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - x0
+    roi_h = rois[:, 4] * spatial_scale - offset - y0
+    if not aligned:  # original RoIAlign: force malformed boxes to be at least 1x1
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / ow, roi_h / oh  # (K,)
+    max_entries = max(1, _CHUNK_BYTES // 32)
+
+    def combine(ids, ry, wy, rx, wx):
+        return ids, *_combine(batch[ids], ry, wy, rx, wx, (h, w), n * h * w, idtype)
+
+    if sampling_ratio > 0:
+        # Fixed grid: two corner rows per sample, 2*sr entries per axis for every RoI; static shapes, no sync.
+        count = float(sampling_ratio * sampling_ratio)
+        per_roi = oh * ow * (2 * sampling_ratio) ** 2
+        for ids in torch.arange(k, device=rois.device).split(max(1, max_entries // per_roi)):
+            ry, wy = _corner_taps(y0[ids], bin_h[ids], sampling_ratio, oh, h)  # (R, oh, 2sr)
+            rx, wx = _corner_taps(x0[ids], bin_w[ids], sampling_ratio, ow, w)  # (R, ow, 2sr)
+            yield combine(ids, ry, wy / count, rx, wx)
+        return
+
+    # Adaptive grid: ceil(roi_size / output_size) samples per bin and axis; <= 0 (empty or NaN box) means none.
+    grid_h = torch.where(torch.isfinite(roi_h), torch.ceil(roi_h / oh), 0.0).clamp(min=0).long()  # (K,)
+    grid_w = torch.where(torch.isfinite(roi_w), torch.ceil(roi_w / ow), 0.0).clamp(min=0).long()
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (K,)
+    ry, wy, len_y = _window_taps(y0, bin_h, grid_h, oh, h)  # (K, oh, Sy), (K,)
+    rx, wx, len_x = _window_taps(x0, bin_w, grid_w, ow, w)  # (K, ow, Sx), (K,)
+    wy = wy / count[:, None, None]
+    for ids, ly, lx in _plan_chunks(len_y.cpu(), len_x.cpu(), oh * ow, max_entries):
+        ids = ids.to(rois.device)
+        yield combine(ids, ry[ids, :, :ly], wy[ids, :, :ly], rx[ids, :, :lx], wx[ids, :, :lx])
+
+
+def _samples(start: Tensor, bin_size: Tensor, grid, slots: int, pooled: int, size: int):
+    """Bilinear taps of the samples along one axis for R RoIs: `grid` samples (an int, or (R,) per RoI) in each of
+    `pooled` bins, laid out in `slots` >= grid slots.
+
+    Returns low, high (R, P, slots) int64 in [0, size-1], their weights (R, P, slots) and the validity mask.
+    """
+    p = torch.arange(pooled, device=start.device, dtype=start.dtype)[:, None]  # (P, 1)
+    i = torch.arange(slots, device=start.device, dtype=start.dtype)  # (G,)
+    if isinstance(grid, Tensor):
+        grid = grid.to(start.dtype)[:, None, None]  # (R, 1, 1)
+    start, bin_size = start[:, None, None], bin_size[:, None, None]  # (R, 1, 1)
+    # Same expression and evaluation order as the reference kernel, so the floors agree bit for bit.
+    pos = start + p * bin_size + (i + 0.5) * bin_size / grid  # (R, P, G)
+    valid = (pos >= -1.0) & (pos <= size) & (i < grid)  # kernel: y < -1 or y > H contributes 0; NaN never valid
+    pos = torch.where(valid, pos, 0.0).clamp(min=0.0)  # kernel: y <= 0 -> 0
+    low = pos.floor()
+    at_edge = low >= size - 1  # kernel: y_low >= H-1 -> y_low = y_high = H-1, y = y_low
+    low = low.clamp(max=size - 1)
+    frac = torch.where(at_edge, 0.0, pos - low)
+    low = low.long()
+    high = torch.where(at_edge, low, low + 1)
+    return low, high, (1.0 - frac) * valid, frac * valid, valid
+
+
+def _corner_taps(start, bin_size, grid: int, pooled: int, size: int):
+    """Per-axis taps for a fixed grid: (R, P, 2*grid) rows and weights, the low and high corner of each sample."""
+    low, high, w_low, w_high, _ = _samples(start, bin_size, grid, grid, pooled, size)
+    r, p = low.shape[:2]
+    return torch.stack([low, high], -1).view(r, p, -1), torch.stack([w_low, w_high], -1).view(r, p, -1)
+
+
+def _window_taps(start, bin_size, grid: Tensor, pooled: int, size: int):
+    """Per-axis taps for an adaptive grid, merged into the window of consecutive rows each bin touches.
+
+    Samples are bin/ceil(bin) <= 1 apart, so a bin's taps lie in rows [r0, r0 + grid + 1] (one extra row of slack
+    for rounding), and never beyond the map. Returns rows and weights (K, P, S) with S = min(max grid + 2, size),
+    and per RoI the window length actually used (K,) (0 if no sample is inside the map).
+    """
+    k = start.shape[0]
+    gmax = int(grid.max())  # host sync (adaptive mode only)
+    slots = min(gmax + 2, size)
+    rows, weights = [], []
+    # The (R, P, gmax) sample temporaries take ~64 bytes per sample; bound them for very large boxes.
+    for ids in torch.arange(k, device=start.device).split(max(1, _CHUNK_BYTES // (64 * pooled * max(gmax, 1)))):
+        low, high, w_low, w_high, valid = _samples(start[ids], bin_size[ids], grid[ids], max(gmax, 1), pooled,
+                                                   size)
+        r0 = torch.where(valid, low, size).amin(-1, keepdim=True).clamp(max=size - 1)  # (R, P, 1) first row
+        w = torch.zeros(low.shape[:2] + (slots,), dtype=w_low.dtype, device=low.device)  # (R, P, S)
+        w.scatter_add_(2, (low - r0).clamp(0, slots - 1), w_low)
+        w.scatter_add_(2, (high - r0).clamp(0, slots - 1), w_high)
+        rows.append((r0 + torch.arange(slots, device=low.device)).clamp(max=size - 1))  # (R, P, S)
+        weights.append(w)
+    rows, weights = torch.cat(rows), torch.cat(weights)
+    last = (weights != 0) * torch.arange(1, slots + 1, device=start.device)  # (K, P, S)
+    return rows, weights, last.amax(dim=(1, 2))
+
+
+def _plan_chunks(len_y: Tensor, len_x: Tensor, bins_per_roi: int, max_entries: int):
+    """Group RoIs (host side) into chunks of similar window size: yields (roi_ids, Ly, Lx).
+
+    RoIs are sorted by (Ly, Lx); consecutive ones are merged while padding them to the chunk's largest window costs
+    at most 25% extra entries, and a chunk is split so it has at most `max_entries` entries.
+    """
+    ids = torch.nonzero((len_y > 0) & (len_x > 0)).squeeze(1)  # RoIs with no sample in the map stay zero
+    if len(ids) == 0:
+        return
+    ids = ids[torch.argsort(len_y[ids] * (int(len_x.max()) + 1) + len_x[ids], stable=True)]
+    ly_sorted, lx_sorted = len_y[ids].tolist(), len_x[ids].tolist()
+
+    def flush(lo, hi, ly, lx):
+        per_roi = bins_per_roi * ly * lx
+        for part in ids[lo:hi].split(max(1, max_entries // per_roi)):
+            yield part, ly, lx
+
+    lo, max_y, max_x, exact = 0, 0, 0, 0
+    for j, (ly, lx) in enumerate(zip(ly_sorted, lx_sorted)):
+        new_y, new_x = max(max_y, ly), max(max_x, lx)
+        if j > lo and (j + 1 - lo) * new_y * new_x > 1.25 * (exact + ly * lx):
+            yield from flush(lo, j, max_y, max_x)
+            lo, new_y, new_x, exact = j, ly, lx, 0
+        max_y, max_x, exact = new_y, new_x, exact + ly * lx
+    yield from flush(lo, len(ids), max_y, max_x)
+
+
+def _combine(batch, ry, wy, rx, wx, map_hw, dummy: int, idtype):
+    """Outer product of the y and x taps of every bin: (R*oh*ow, Ly*Lx) table rows and weights.
+
+    Entries with zero weight point at the zero row `dummy` (= N*H*W), so they read nothing from the map.
+    """
+    h, w = map_hw
+    r, oh, ly = ry.shape
+    ow, lx = rx.shape[1], rx.shape[2]
+    base = (batch * (h * w))[:, None, None, None, None]  # (R, 1, 1, 1, 1)
+    idx = base + ry[:, :, None, :, None] * w + rx[:, None, :, None, :]  # (R, oh, ow, Ly, Lx)
+    wts = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # (R, oh, ow, Ly, Lx)
+    idx = torch.where(wts != 0, idx, dummy).to(idtype)
+    return idx.view(r * oh * ow, ly * lx), wts.view(r * oh * ow, ly * lx)

@@ -1,0 +1,284 @@
+"""The RoI heads of Mask R-CNN: proposal sampling, then the box, mask and keypoint heads on the pooled RoIs.
+
+Mask R-CNN (He et al. 2017) Sec. 3 ("Training", "Inference") on top of Fast R-CNN (Girshick 2015) Sec. 2.3, with
+detectron2's conventions (`roi_heads/roi_heads.py` `StandardROIHeads`):
+
+- training: the GT boxes are appended to each image's proposals, every candidate is matched to its best GT at IoU
+  0.5 (foreground) or background otherwise, and 512 RoIs are sampled per image with at most 25% foreground. The box
+  head sees all sampled RoIs; the mask head only the foreground ones (Sec. 3: "L_mask is defined only on positive
+  RoIs"); the keypoint head the foreground ones that contain a visible keypoint of their GT (Sec. 5).
+- inference: the box head runs on every proposal, `fast_rcnn_inference` keeps at most 100 detections per image, and
+  the mask and keypoint heads run on those final boxes only (Sec. 3, "Inference").
+
+The sampling and selection steps are stateless functions on `RoISamples` (per-image tuples of tensors);
+`RoIHeads` owns the heads and chains the steps. Cascade R-CNN (`cascade.py`) reuses all of them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from minimask.box_head import fast_rcnn_inference, fast_rcnn_losses
+from minimask.keypoint_head import heatmaps_to_keypoints, keypoint_loss, keypoint_targets
+from minimask.mask_head import mask_loss, mask_targets, paste_masks, polygon_mask_targets
+from minimask.ops.box_coder import decode, encode
+from minimask.ops.boxes import box_iou
+from minimask.ops.matcher import match_boxes, sample_balanced
+from minimask.ops.poolers import multiscale_roi_align
+
+
+class RoISamples(NamedTuple):
+    """The training RoIs of one image with their labels; all fields have the same length S."""
+    boxes: Tensor  # (S, 4) RoI boxes (no gradient)
+    labels: Tensor  # (S,) int64 class in 1..K, 0 = background
+    matched_idxs: Tensor  # (S,) int64 index of the matched GT box (0 where the image has no GT)
+    matched_boxes: Tensor  # (S, 4) that GT box (the RoI itself where the image has no GT)
+
+
+def _select(samples: RoISamples, keep: Tensor) -> RoISamples:
+    return RoISamples(*(field[keep] for field in samples))
+
+
+def label_boxes(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, iou_threshold: float) -> RoISamples:
+    """Label each box with the class of its best-overlapping GT if their IoU >= iou_threshold, else background (0).
+
+    No ignore zone and no low-quality matches (Fast R-CNN Sec. 2.3, detectron2 ROI_HEADS matcher). An image without
+    GT gives all-background labels.
+    """
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
+        raise ValueError(f"boxes and gt_boxes must be (N, 4), got {tuple(boxes.shape)} and {tuple(gt_boxes.shape)}")
+    if gt_labels.shape != (gt_boxes.shape[0],):
+        raise ValueError(f"gt_labels must have shape ({gt_boxes.shape[0]},), got {tuple(gt_labels.shape)}")
+    if gt_boxes.shape[0] == 0:
+        zeros = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
+        return RoISamples(boxes, zeros, zeros, boxes)
+    matched_idxs, matched = match_boxes(box_iou(gt_boxes, boxes), iou_threshold, iou_threshold, False)  # (S,), (S,)
+    labels = torch.where(matched == 1, gt_labels[matched_idxs], 0)  # (S,)
+    return RoISamples(boxes, labels, matched_idxs, gt_boxes[matched_idxs].to(boxes.dtype))
+
+
+def sample_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *, iou_threshold: float = 0.5,
+                     num_samples: int = 512, positive_fraction: float = 0.25, append_gt: bool = True) -> RoISamples:
+    """The training RoIs of one image: (optionally) proposals + GT boxes, labelled and balanced-sampled.
+
+    Args:
+        proposals: (P, 4) boxes from the RPN (detached here: proposals carry no gradient).
+        gt_boxes: (G, 4), gt_labels: (G,) int64 in 1..K.
+        append_gt: append the GT boxes to the candidates (detectron2 PROPOSAL_APPEND_GT), which guarantees every GT
+            at least one foreground RoI early in training, when the RPN's proposals are still poor.
+    Returns:
+        At most num_samples RoIs, at most num_samples * positive_fraction of them foreground; foreground rows first.
+        Drawn with torch's global RNG.
+    """
+    if proposals.dim() != 2 or proposals.shape[1] != 4:
+        raise ValueError(f"proposals must have shape (P, 4), got {tuple(proposals.shape)}")
+    candidates = proposals.detach()
+    if append_gt:
+        candidates = torch.cat([candidates, gt_boxes.to(candidates.dtype)])  # (P + G, 4)
+    labelled = label_boxes(candidates, gt_boxes, gt_labels, iou_threshold)
+    pos, neg = sample_balanced(labelled.labels > 0, labelled.labels == 0, num_samples, positive_fraction)
+    return _select(labelled, torch.cat([pos, neg]))
+
+
+def select_foreground(samples: list[RoISamples]) -> list[RoISamples]:
+    """Keep the foreground RoIs of each image (the RoIs the mask and keypoint heads train on, Mask R-CNN Sec. 3)."""
+    return [_select(s, s.labels > 0) for s in samples]
+
+
+def with_visible_keypoints(samples: list[RoISamples], gt_keypoints: list[Tensor]) -> list[RoISamples]:
+    """Keep the RoIs whose matched GT has at least one visible keypoint (v >= 1) inside the RoI box.
+
+    gt_keypoints[i]: (G_i, P, 3) (x, y, v) of image i's GT. The box test is inclusive (x0 <= x <= x1, y0 <= y <= y1)
+    as in detectron2 `select_proposals_with_visible_keypoints`.
+    """
+    kept = []
+    for s, keypoints in zip(samples, gt_keypoints):
+        x, y, v = keypoints[s.matched_idxs].unbind(dim=2)  # each (S, P)
+        x0, y0, x1, y1 = (c[:, None] for c in s.boxes.unbind(dim=1))  # each (S, 1)
+        inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)  # (S, P)
+        kept.append(_select(s, (inside & (v >= 1)).any(dim=1)))
+    return kept
+
+
+def box_regression_targets(samples: list[RoISamples], weights: tuple) -> tuple[Tensor, Tensor]:
+    """Concatenated labels (R,) and encoded deltas (R, 4) taking each RoI to its matched GT (Fast R-CNN Eqn. 1)."""
+    labels = torch.cat([s.labels for s in samples])  # (R,)
+    targets = torch.cat([encode(s.matched_boxes, s.boxes, weights) for s in samples])  # (R, 4)
+    return labels, targets
+
+
+def boxes_per_class(boxes: Tensor, num_classes: int) -> Tensor:
+    """(R, 4K) boxes unchanged; (R, 4) class-agnostic boxes repeated for each of the K classes -> (R, 4K)."""
+    return boxes if boxes.shape[1] == 4 * num_classes else boxes.repeat(1, num_classes)
+
+
+class RoIHeads(nn.Module):
+    """Box, mask and keypoint heads on FPN features; see the module docstring for the procedure.
+
+    forward(features, proposals, image_sizes, targets=None) -> (detections, losses):
+        features: P2..P5, each (B, C, H_l, W_l), finest first, at `feature_scales`.
+        proposals: B tensors (P_i, 4) in image pixels. image_sizes: B (h, w) of the unpadded images.
+        targets (training only): B dicts with `boxes` (G, 4), `labels` (G,) in 1..K, and `masks` (G, H, W) uint8 /
+            `keypoints` (G, 17, 3) where the model has a mask / keypoint head.
+    Training returns ([], {"loss_classifier", "loss_box_reg"} + "loss_mask" / "loss_keypoint" where those heads
+    exist). Eval returns (B dicts with `boxes` (N, 4), `labels` (N,) int64 in 1..K, `scores` (N,), and `masks`
+    (N, 1, h, w) float probabilities / `keypoints` (N, 17, 3) and `keypoints_scores` (N, 17) where those heads
+    exist, {}). Zero proposals, zero GT and zero foreground RoIs are all allowed: losses stay finite and the
+    regression / mask / keypoint losses are exactly 0 but still connected to every head's parameters.
+    """
+
+    def __init__(self, *, box_head: nn.Module, box_predictor: nn.Module, mask_head: nn.Module | None = None,
+                 keypoint_head: nn.Module | None = None, num_classes: int,
+                 feature_scales: tuple = (1 / 4, 1 / 8, 1 / 16, 1 / 32), box_resolution: int = 7,
+                 mask_resolution: int = 14, keypoint_resolution: int = 14, sampling_ratio: int = 0,
+                 aligned: bool = True, fg_iou: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, append_gt: bool = True, box_reg_weights: tuple = (10, 10, 5, 5),
+                 box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
+                 keypoint_heatmap_size: int = 56):
+        super().__init__()
+        self.box_head, self.box_predictor = box_head, box_predictor
+        self.mask_head, self.keypoint_head = mask_head, keypoint_head
+        self.num_classes = num_classes
+        self.feature_scales = tuple(feature_scales)
+        self.box_resolution, self.mask_resolution = box_resolution, mask_resolution
+        self.keypoint_resolution = keypoint_resolution
+        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+        self.fg_iou, self.batch_size_per_image, self.positive_fraction = fg_iou, batch_size_per_image, positive_fraction
+        self.append_gt = append_gt
+        self.box_reg_weights = tuple(box_reg_weights)
+        self.box_reg_loss, self.smooth_l1_beta = box_reg_loss, smooth_l1_beta
+        self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
+        self.mask_size, self.keypoint_heatmap_size = mask_size, keypoint_heatmap_size
+
+    def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        self._check_inputs(features, proposals, image_sizes, targets)
+        if self.training:
+            return [], self._forward_train(features, proposals, image_sizes, targets)
+        return self._forward_eval(features, proposals, image_sizes), {}
+
+    def _forward_train(self, features, proposals, image_sizes, targets) -> dict[str, Tensor]:
+        samples = [
+            sample_proposals(p, t["boxes"], t["labels"], iou_threshold=self.fg_iou,
+                             num_samples=self.batch_size_per_image, positive_fraction=self.positive_fraction,
+                             append_gt=self.append_gt)
+            for p, t in zip(proposals, targets)
+        ]
+        losses = self._box_losses(features, samples, targets, image_sizes)
+        foreground = select_foreground(samples)  # the mask and keypoint heads train on these (Sec. 3)
+        if self.mask_head is not None:
+            losses["loss_mask"] = self._mask_loss(features, foreground, targets)
+        if self.keypoint_head is not None:
+            losses["loss_keypoint"] = self._keypoint_loss(features, foreground, targets)
+        return losses
+
+    def _forward_eval(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+        class_probs, boxes = self._box_predictions(features, proposals, image_sizes)  # (R, K+1), (R, 4K)
+        counts = [p.shape[0] for p in proposals]
+        detections = []
+        for probs_i, boxes_i, size in zip(class_probs.split(counts), boxes.split(counts), image_sizes):
+            boxes_i, scores_i, labels_i, _ = fast_rcnn_inference(
+                probs_i, boxes_i, size, self.score_thresh, self.nms_thresh, self.detections_per_image)
+            detections.append({"boxes": boxes_i, "labels": labels_i, "scores": scores_i})
+        if self.mask_head is not None:
+            self._add_masks(features, detections, image_sizes)  # on the final boxes only (Sec. 3, "Inference")
+        if self.keypoint_head is not None:
+            self._add_keypoints(features, detections)
+        return detections
+
+    # Box branch. Cascade R-CNN overrides `_box_losses` and `_box_predictions`.
+
+    def _pool(self, features: list[Tensor], boxes: list[Tensor], resolution: int) -> Tensor:
+        """RoIAlign each image's boxes from its FPN level (FPN Eqn. 1) -> (sum of boxes, C, res, res)."""
+        return multiscale_roi_align(features, boxes, resolution, list(self.feature_scales), self.sampling_ratio,
+                                    self.aligned)
+
+    def _predict_boxes(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.box_head(self._pool(features, boxes, self.box_resolution))  # (R, D)
+        return self.box_predictor(x)  # (R, K+1), (R, 4K or 4)
+
+    def _box_losses(self, features, samples: list[RoISamples], targets, image_sizes) -> dict[str, Tensor]:
+        class_logits, box_deltas = self._predict_boxes(features, [s.boxes for s in samples])
+        labels, regression_targets = box_regression_targets(samples, self.box_reg_weights)
+        return fast_rcnn_losses(class_logits, box_deltas, labels, regression_targets, self.box_reg_loss,
+                                self.smooth_l1_beta)
+
+    def _box_predictions(self, features, proposals, image_sizes) -> tuple[Tensor, Tensor]:
+        """Class probabilities (R, K+1) and per-class decoded boxes (R, 4K) of all images' proposals."""
+        class_logits, box_deltas = self._predict_boxes(features, proposals)
+        boxes = decode(box_deltas, torch.cat(proposals), self.box_reg_weights)  # (R, 4K or 4)
+        return class_logits.float().softmax(dim=1), boxes_per_class(boxes, self.num_classes)
+
+    # Mask and keypoint branches.
+
+    def _mask_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
+        logits = self.mask_head(self._pool(features, [s.boxes for s in foreground], self.mask_resolution))
+        if logits.shape[0] == 0:  # no foreground RoI in the batch: 0, but every mask parameter stays in the graph
+            return logits.sum() * 0.0
+        mask_targets_ = torch.cat([
+            self._mask_targets(s, t) for s, t in zip(foreground, targets) if s.boxes.shape[0] > 0
+        ])  # (F, M, M)
+        return mask_loss(logits, torch.cat([s.labels for s in foreground]), mask_targets_)
+
+    def _mask_targets(self, foreground: RoISamples, target: dict) -> Tensor:
+        """(F, M, M) binary targets: from the GT polygons when the target carries them (rasterised inside each RoI,
+        detectron2's default for COCO), else by RoIAlign-ing the full-size bitmaps."""
+        if "polygons" in target:
+            matched = foreground.matched_idxs.tolist()
+            return polygon_mask_targets([target["polygons"][i] for i in matched], foreground.boxes, self.mask_size)
+        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size)
+
+    def _keypoint_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
+        selected = with_visible_keypoints(foreground, [t["keypoints"] for t in targets])
+        logits = self.keypoint_head(self._pool(features, [s.boxes for s in selected], self.keypoint_resolution))
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        flat_idx, valid = zip(*(
+            keypoint_targets(t["keypoints"][s.matched_idxs], s.boxes, self.keypoint_heatmap_size)
+            for s, t in zip(selected, targets)
+        ))
+        return keypoint_loss(logits, torch.cat(flat_idx), torch.cat(valid))
+
+    def _add_masks(self, features, detections: list[dict[str, Tensor]], image_sizes) -> None:
+        boxes = [d["boxes"] for d in detections]
+        logits = self.mask_head(self._pool(features, boxes, self.mask_resolution))  # (N, K, M, M)
+        labels = torch.cat([d["labels"] for d in detections])  # (N,)
+        # Sec. 3, "Inference": the mask of the predicted class k, the k-th of the K maps.
+        probs = logits[torch.arange(labels.shape[0], device=labels.device), labels - 1].sigmoid()  # (N, M, M)
+        for d, probs_i, size in zip(detections, probs.split([b.shape[0] for b in boxes]), image_sizes):
+            d["masks"] = paste_masks(probs_i, d["boxes"], size)  # (N_i, 1, h, w)
+
+    def _add_keypoints(self, features, detections: list[dict[str, Tensor]]) -> None:
+        boxes = [d["boxes"] for d in detections]
+        logits = self.keypoint_head(self._pool(features, boxes, self.keypoint_resolution))  # (N, P, S, S)
+        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes))  # (N, P, 3), (N, P)
+        counts = [b.shape[0] for b in boxes]
+        for d, keypoints_i, scores_i in zip(detections, keypoints.split(counts), scores.split(counts)):
+            d["keypoints"], d["keypoints_scores"] = keypoints_i, scores_i
+
+    def _check_inputs(self, features, proposals, image_sizes, targets) -> None:
+        if len(features) != len(self.feature_scales):
+            raise ValueError(f"expected {len(self.feature_scales)} feature maps (P2..P5), got {len(features)}")
+        batch = features[0].shape[0]
+        if len(proposals) != batch or len(image_sizes) != batch:
+            raise ValueError(f"features have {batch} images but there are {len(proposals)} proposal tensors and "
+                             f"{len(image_sizes)} image sizes")
+        for p in proposals:
+            if p.dim() != 2 or p.shape[1] != 4:
+                raise ValueError(f"each proposals tensor must be (P, 4), got {tuple(p.shape)}")
+        if not self.training:
+            return
+        if targets is None or len(targets) != batch:
+            raise ValueError(f"training needs one target dict per image ({batch}), got "
+                             f"{'None' if targets is None else len(targets)}")
+        needed = ["boxes", "labels"] + ["keypoints"] * (self.keypoint_head is not None)
+        for t in targets:
+            missing = [key for key in needed if key not in t]
+            if self.mask_head is not None and "masks" not in t and "polygons" not in t:
+                missing.append("masks (or polygons)")
+            if missing:
+                raise ValueError(f"a target dict lacks {missing}; the RoI heads need {needed} and, with a mask "
+                                 "head, 'masks' or 'polygons'")

@@ -1,0 +1,316 @@
+"""Region Proposal Network with FPN (Sec. 3.1 of Faster R-CNN; Sec. 4.1 of FPN), following detectron2's `RPN`,
+`StandardRPNHead` and `find_top_rpn_proposals`; see the reference spec, section 3.
+
+    P2..P6 --shared head--> per-anchor objectness logit + 4 deltas
+      training: label anchors vs GT (IoU >= 0.7 fg, < 0.3 bg, best match fg), sample 256 (<= 50% fg) per image,
+                loss_objectness = BCE over sampled, loss_rpn_box_reg = L1 over fg, both / (256 * #images)
+      always:   per level top-k logits -> decode -> clip -> drop empty -> NMS 0.7 per level -> top-k per image
+
+Ordering contract: each level's anchors, logits and deltas are flattened in (H, W, A) order (`minimask.anchors`),
+and the levels are concatenated finest first, so index m means the same anchor in all three.
+Proposals are detached: no gradient flows from the RoI heads into the RPN through them (detectron2 convention).
+"""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minimask.anchors import multilevel_anchors
+from minimask.losses import box_regression_loss
+from minimask.ops.box_coder import decode, encode
+from minimask.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
+from minimask.ops.matcher import match_boxes, sample_balanced
+
+_RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # detectron2 RPN.BBOX_REG_WEIGHTS
+
+
+class RPNHead(nn.Module):
+    """The head shared by all levels: 3x3 conv + ReLU, then sibling 1x1 convs for A logits and 4A deltas.
+
+    No norm layer, even in GN/SyncBN models (detectron2 StandardRPNHead). Init normal(std=0.01), bias 0.
+    forward(list of (B, C, H_l, W_l)) -> (list of (B, H_l*W_l*A) logits, list of (B, H_l*W_l*A, 4) deltas).
+    """
+
+    def __init__(self, *, in_channels: int, num_anchors: int):
+        super().__init__()
+        if in_channels <= 0 or num_anchors <= 0:
+            raise ValueError(f"in_channels and num_anchors must be positive, got {in_channels}, {num_anchors}")
+        self.in_channels = in_channels
+        self.num_anchors = num_anchors
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.anchor_deltas = nn.Conv2d(in_channels, 4 * num_anchors, kernel_size=1)
+        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for x in features:
+            if x.dim() != 4 or x.shape[1] != self.in_channels:
+                raise ValueError(f"RPNHead expects (B, {self.in_channels}, H, W) maps, got {tuple(x.shape)}")
+            t = F.relu(self.conv(x))
+            b, _, h, w = t.shape
+            # Channel a of the logits is anchor a; channels 4a..4a+3 of the deltas are anchor a's (dx, dy, dw, dh).
+            logits.append(self.objectness_logits(t).permute(0, 2, 3, 1).reshape(b, -1))  # (B, H*W*A)
+            d = self.anchor_deltas(t).view(b, self.num_anchors, 4, h, w)
+            deltas.append(d.permute(0, 3, 4, 1, 2).reshape(b, -1, 4))  # (B, H*W*A, 4)
+        return logits, deltas
+
+
+def label_anchors(
+    anchors: Tensor, gt_boxes: Tensor, fg_iou: float, bg_iou: float, batch_size_per_image: int, positive_fraction: float
+) -> tuple[Tensor, Tensor]:
+    """Training labels of one image's anchors (Sec. 3.1.2 of Faster R-CNN).
+
+    Anchors with IoU >= fg_iou with some GT box, and for each GT box the anchors attaining its highest IoU (ties
+    included), are positive; IoU < bg_iou negative; the rest ignored. Then at most batch_size_per_image anchors
+    are sampled, at most positive_fraction of them positive; every unsampled anchor becomes ignored (-1).
+    Anchors crossing the image border are kept (detectron2 BOUNDARY_THRESH = -1).
+
+    Args:
+        anchors: (M, 4); gt_boxes: (G, 4), G may be 0 (then every sampled anchor is negative).
+    Returns:
+        labels: (M,) float32 in {1, 0, -1}; matched_gt_boxes: (M, 4) in anchors' dtype, the best-matching GT box of
+        each anchor (meaningful only where labels == 1; zeros when G == 0).
+    """
+    if gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
+        raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
+    iou = box_iou(gt_boxes, anchors)  # (G, M)
+    matched_idx, match_labels = match_boxes(iou, fg_iou, bg_iou, allow_low_quality=True)  # (M,), (M,)
+    pos_idx, neg_idx = sample_balanced(match_labels == 1, match_labels == 0, batch_size_per_image, positive_fraction)
+    labels = torch.full((anchors.shape[0],), -1.0, dtype=torch.float32, device=anchors.device)  # (M,)
+    labels[pos_idx] = 1.0
+    labels[neg_idx] = 0.0
+    if gt_boxes.shape[0] == 0:
+        matched = torch.zeros_like(anchors)  # (M, 4)
+    else:
+        matched = gt_boxes.to(anchors.dtype)[matched_idx]  # (M, 4)
+    return labels, matched
+
+
+def rpn_losses(
+    anchors: Tensor,
+    pred_logits: Tensor,
+    pred_deltas: Tensor,
+    labels: Tensor,
+    matched_gt_boxes: Tensor,
+    *,
+    batch_size_per_image: int,
+    box_reg_loss: str = "l1",
+    smooth_l1_beta: float = 0.0,
+) -> dict[str, Tensor]:
+    """The two RPN losses with detectron2's normalisation (both divided by batch_size_per_image * B).
+
+    Args:
+        anchors: (M, 4) all levels concatenated; pred_logits: (B, M); pred_deltas: (B, M, 4);
+        labels: (B, M) in {1, 0, -1} from `label_anchors`; matched_gt_boxes: (B, M, 4).
+    Returns:
+        {"loss_objectness": BCE-with-logits summed over anchors with label >= 0,
+         "loss_rpn_box_reg": box_regression_loss summed over anchors with label 1, against encode(gt, anchor)}.
+        With no positive anchor, loss_rpn_box_reg is exactly 0 and still connected to pred_deltas' graph.
+    """
+    b, m = pred_logits.shape
+    if anchors.shape != (m, 4) or pred_deltas.shape != (b, m, 4):
+        raise ValueError(
+            f"shape mismatch: anchors {tuple(anchors.shape)}, pred_logits {tuple(pred_logits.shape)}, "
+            f"pred_deltas {tuple(pred_deltas.shape)}; expected (M, 4), (B, M), (B, M, 4)"
+        )
+    if labels.shape != (b, m) or matched_gt_boxes.shape != (b, m, 4):
+        raise ValueError(f"labels must be (B, M) and matched_gt_boxes (B, M, 4), got {tuple(labels.shape)}, "
+                         f"{tuple(matched_gt_boxes.shape)}")
+    pos = labels == 1  # (B, M)
+    valid = labels >= 0  # (B, M)
+    with torch.no_grad():
+        target_deltas = encode(matched_gt_boxes[pos], anchors.expand(b, m, 4)[pos], _RPN_BOX_WEIGHTS)  # (P, 4)
+    loss_box = box_regression_loss(pred_deltas[pos], target_deltas, box_reg_loss, smooth_l1_beta)
+    loss_obj = F.binary_cross_entropy_with_logits(
+        pred_logits[valid].float(), labels[valid].float(), reduction="sum"
+    )
+    normalizer = float(batch_size_per_image * b)
+    return {"loss_objectness": loss_obj / normalizer, "loss_rpn_box_reg": loss_box / normalizer}
+
+
+def find_top_proposals(
+    anchors: Sequence[Tensor],
+    pred_logits: Sequence[Tensor],
+    pred_deltas: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    *,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    min_size: float = 0.0,
+    training: bool = False,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Select each image's proposals (detectron2 `find_top_rpn_proposals`; reference spec section 3.6).
+
+    Per level keep the pre_nms_topk highest logits of each image, decode them, clip to the image, drop boxes with
+    width or height <= min_size, run NMS at nms_thresh within each level, and keep the post_nms_topk best of the
+    image over all levels. Runs without gradient.
+
+    Args:
+        anchors: per level (M_l, 4); pred_logits: per level (B, M_l); pred_deltas: per level (B, M_l, 4).
+        image_sizes: B pairs (h, w) to clip to.
+        training: if True, a non-finite box or logit raises FloatingPointError (detectron2 stops a diverged run);
+            otherwise such proposals are dropped.
+    Returns:
+        (boxes, scores): per image a (P_i, 4) float tensor and its (P_i,) logits, sorted by decreasing logit,
+        P_i <= post_nms_topk; P_i may be 0.
+    """
+    num_levels = len(anchors)
+    if not (len(pred_logits) == len(pred_deltas) == num_levels) or num_levels == 0:
+        raise ValueError(f"need matching non-empty per-level lists: {num_levels} anchors, {len(pred_logits)} "
+                         f"logits, {len(pred_deltas)} deltas")
+    num_images = pred_logits[0].shape[0]
+    if len(image_sizes) != num_images:
+        raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {num_images}")
+    with torch.no_grad():
+        batch_idx = torch.arange(num_images, device=pred_logits[0].device)[:, None]  # (B, 1)
+        scores, sel_anchors, sel_deltas, level_ids = [], [], [], []
+        for level, (anc, logit, delta) in enumerate(zip(anchors, pred_logits, pred_deltas)):
+            if logit.shape != (num_images, anc.shape[0]) or delta.shape != (num_images, anc.shape[0], 4):
+                raise ValueError(f"level {level}: logits {tuple(logit.shape)} / deltas {tuple(delta.shape)} do not "
+                                 f"match {anc.shape[0]} anchors and {num_images} images")
+            k = min(pre_nms_topk, anc.shape[0])
+            top_scores, top_idx = logit.topk(k, dim=1)  # (B, k), sorted
+            scores.append(top_scores)
+            sel_anchors.append(anc[top_idx])  # (B, k, 4)
+            sel_deltas.append(delta[batch_idx, top_idx])  # (B, k, 4)
+            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=logit.device))
+        scores = torch.cat(scores, dim=1).float()  # (B, K)
+        sel_anchors = torch.cat(sel_anchors, dim=1)  # (B, K, 4)
+        sel_deltas = torch.cat(sel_deltas, dim=1)  # (B, K, 4)
+        level_ids = torch.cat(level_ids)  # (K,)
+        boxes = decode(sel_deltas.reshape(-1, 4), sel_anchors.reshape(-1, 4), _RPN_BOX_WEIGHTS)  # (B*K, 4)
+        boxes = boxes.view(num_images, -1, 4)  # (B, K, 4)
+
+        # One host sync for the whole batch, in training only (detectron2 checks per image).
+        if training and not (torch.isfinite(boxes).all() & torch.isfinite(scores).all()):
+            raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
+
+        out_boxes, out_scores = [], []
+        for i, image_size in enumerate(image_sizes):
+            b, s, lvl = boxes[i], scores[i], level_ids
+            if not training:
+                finite = torch.isfinite(b).all(dim=1) & torch.isfinite(s)  # (K,)
+                b, s, lvl = b[finite], s[finite], lvl[finite]
+            b = clip_boxes_to_image(b, image_size)  # (K', 4)
+            nonempty = ((b[:, 2] - b[:, 0]) > min_size) & ((b[:, 3] - b[:, 1]) > min_size)  # detectron2 `nonempty`
+            b, s, lvl = b[nonempty], s[nonempty], lvl[nonempty]
+            keep = batched_nms(b, s, lvl, nms_thresh)[:post_nms_topk]  # sorted by decreasing score
+            out_boxes.append(b[keep])
+            out_scores.append(s[keep])
+    return out_boxes, out_scores
+
+
+class RPN(nn.Module):
+    """Region Proposal Network over FPN levels P2..P6 (detectron2 defaults; reference spec section 3).
+
+    forward(features, image_sizes, targets=None) -> (proposals, losses):
+        features: list of (B, in_channels, H_l, W_l), one per stride, finest first.
+        image_sizes: B pairs (h, w) of the unpadded images (proposals are clipped to them).
+        targets: per image a dict with "boxes" (G_i, 4), G_i may be 0; required in training mode.
+        proposals: per image a detached (P_i, 4) tensor sorted by decreasing objectness, P_i <= post_nms_topk.
+        losses: {"loss_objectness", "loss_rpn_box_reg"} in training mode, {} in eval mode.
+    Anchors are float32 on the features' device whatever the feature dtype (coordinates up to ~1e3 need it).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        strides: Sequence[int] = (4, 8, 16, 32, 64),
+        anchor_sizes: Sequence[float] = (32, 64, 128, 256, 512),
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        anchor_offset: float = 0.0,
+        fg_iou: float = 0.7,
+        bg_iou: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        box_reg_loss: str = "l1",
+        smooth_l1_beta: float = 0.0,
+        pre_nms_topk_train: int = 2000,
+        pre_nms_topk_test: int = 1000,
+        post_nms_topk_train: int = 1000,
+        post_nms_topk_test: int = 1000,
+        nms_thresh: float = 0.7,
+        min_size: float = 0.0,
+    ):
+        super().__init__()
+        if len(anchor_sizes) != len(strides) or len(strides) == 0:
+            raise ValueError(f"need one anchor size per stride, got {len(anchor_sizes)} sizes, {len(strides)} strides")
+        if len(aspect_ratios) == 0 or any(r <= 0 for r in aspect_ratios):
+            raise ValueError(f"aspect_ratios must be non-empty and positive, got {aspect_ratios}")
+        if not 0.0 <= bg_iou <= fg_iou <= 1.0:
+            raise ValueError(f"need 0 <= bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
+        if batch_size_per_image <= 0 or not 0.0 < positive_fraction <= 1.0:
+            raise ValueError(f"need batch_size_per_image > 0 and 0 < positive_fraction <= 1, got "
+                             f"{batch_size_per_image}, {positive_fraction}")
+        if box_reg_loss not in ("l1", "smooth_l1"):
+            raise ValueError(f"box_reg_loss must be 'l1' or 'smooth_l1', got {box_reg_loss!r}")
+        if smooth_l1_beta < 0 or min_size < 0 or not 0.0 <= nms_thresh <= 1.0:
+            raise ValueError(f"need smooth_l1_beta >= 0, min_size >= 0, 0 <= nms_thresh <= 1, got "
+                             f"{smooth_l1_beta}, {min_size}, {nms_thresh}")
+        if min(pre_nms_topk_train, pre_nms_topk_test, post_nms_topk_train, post_nms_topk_test) <= 0:
+            raise ValueError("pre/post NMS top-k values must be positive")
+        self.strides = tuple(strides)
+        self.anchor_sizes = tuple(anchor_sizes)
+        self.aspect_ratios = tuple(aspect_ratios)
+        self.anchor_offset = anchor_offset
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.box_reg_loss, self.smooth_l1_beta = box_reg_loss, smooth_l1_beta
+        self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
+        self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
+        self.nms_thresh, self.min_size = nms_thresh, min_size
+        self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios))
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[dict] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        if len(features) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} feature maps (one per stride), got {len(features)}")
+        num_images = features[0].shape[0]
+        if any(f.shape[0] != num_images for f in features) or len(image_sizes) != num_images:
+            raise ValueError(f"features and image_sizes disagree on the batch size: "
+                             f"{[f.shape[0] for f in features]} vs {len(image_sizes)} image sizes")
+        if self.training:
+            if targets is None:
+                raise ValueError("RPN in training mode needs targets (a list of dicts with 'boxes')")
+            if len(targets) != num_images:
+                raise ValueError(f"got {len(targets)} targets for a batch of {num_images} images")
+
+        anchors = multilevel_anchors(
+            self.anchor_sizes, self.aspect_ratios, [tuple(f.shape[-2:]) for f in features], self.strides,
+            self.anchor_offset, device=features[0].device, dtype=torch.float32,
+        )  # per level (H_l*W_l*A, 4)
+        logits, deltas = self.head(features)  # per level (B, M_l), (B, M_l, 4)
+
+        losses = {}
+        if self.training:
+            all_anchors = torch.cat(anchors)  # (M, 4)
+            with torch.no_grad():
+                labelled = [
+                    label_anchors(all_anchors, t["boxes"], self.fg_iou, self.bg_iou, self.batch_size_per_image,
+                                  self.positive_fraction)
+                    for t in targets
+                ]
+                labels = torch.stack([lab for lab, _ in labelled])  # (B, M)
+                matched = torch.stack([gt for _, gt in labelled])  # (B, M, 4)
+            losses = rpn_losses(
+                all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched,
+                batch_size_per_image=self.batch_size_per_image, box_reg_loss=self.box_reg_loss,
+                smooth_l1_beta=self.smooth_l1_beta,
+            )
+
+        proposals, _ = find_top_proposals(
+            anchors, [x.detach() for x in logits], [x.detach() for x in deltas], image_sizes,
+            pre_nms_topk=self.pre_nms_topk[self.training], post_nms_topk=self.post_nms_topk[self.training],
+            nms_thresh=self.nms_thresh, min_size=self.min_size, training=self.training,
+        )
+        return proposals, losses
