@@ -45,6 +45,9 @@ class MaskRCNN(nn.Module):
         # Buffers so that they follow .to(device) and are saved with the model (they define its pixel convention).
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=True)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=True)
+        # The label map the model carries: label k (1..num_classes) is dataset category category_ids[k - 1]. The
+        # trainer sets it from the training set; evaluation maps predictions back through it.
+        self.register_buffer("category_ids", torch.arange(1, num_classes + 1), persistent=True)
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         self._check_images(images)

@@ -17,3 +17,30 @@ def pytest_configure(config):
 def _seed():
     # Every test starts from the same RNG state, so results do not depend on test order.
     torch.manual_seed(0)
+
+
+def shared_data_dir():
+    """The real datasets beside the project (../shared/data), or $MINIMASK_SHARED_DATA; None where absent."""
+    from pathlib import Path
+
+    env = os.environ.get("MINIMASK_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def coco_mini():
+    """Path of ../shared/data/coco-mini; the test is skipped where it is absent."""
+    root = shared_data_dir()
+    if root is None or not (root / "coco-mini" / "annotations").is_dir():
+        pytest.skip("../shared/data/coco-mini is not available")
+    return root / "coco-mini"
+
+
+@pytest.fixture
+def penn_fudan():
+    """Path of ../shared/data/PennFudanPed; the test is skipped where it is absent."""
+    root = shared_data_dir()
+    if root is None or not (root / "PennFudanPed" / "PNGImages").is_dir():
+        pytest.skip("../shared/data/PennFudanPed is not available")
+    return root / "PennFudanPed"
