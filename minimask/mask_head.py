@@ -20,8 +20,6 @@ Class convention (minimask's): labels 1..K are objects, 0 is background; class c
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -150,9 +148,7 @@ def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
             rings.append(p)
         if rings:
             rle = mask_util.merge(mask_util.frPyObjects(rings, size, size))
-            with warnings.catch_warnings():  # pycocotools' decode trips a numpy 2 DeprecationWarning internally
-                warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-                targets[i] = mask_util.decode(rle)
+            targets[i] = mask_util.decode(rle)
     return torch.from_numpy(targets).to(device=boxes.device, dtype=dtype)
 
 

@@ -8,6 +8,7 @@ from minimask.cascade import CascadeRoIHeads, _ScaleGradient, next_stage_boxes
 from minimask.mask_head import MaskHead
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image
+from test_roi_heads import make_target, random_boxes  # the same toy proposals and targets
 
 NUM_CLASSES, CHANNELS = 3, 64
 IMAGE_SIZES = [(64, 96), (56, 80)]
@@ -27,19 +28,6 @@ def make_cascade(mask=True, **kwargs):
         mask_head=MaskHead(in_channels=CHANNELS, conv_dims=(8,), norm="", num_classes=NUM_CLASSES) if mask else None,
         num_classes=NUM_CLASSES, **kwargs,
     )
-
-
-def random_boxes(n, h=64, w=96, min_side=4.0):
-    xy = torch.rand(n, 2) * torch.tensor([w - min_side, h - min_side])
-    wh = min_side + torch.rand(n, 2) * (torch.tensor([w, h]) - xy - min_side)
-    return torch.cat([xy, xy + wh], dim=1)
-
-
-def make_target(boxes, labels, h=64, w=96):
-    masks = torch.zeros(boxes.shape[0], h, w, dtype=torch.uint8)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
-        masks[i, y0:y1, x0:x1] = 1
-    return {"boxes": boxes, "labels": torch.as_tensor(labels, dtype=torch.int64), "masks": masks}
 
 
 STAGE_LOSSES = {f"loss_{name}_stage{t}" for name in ("classifier", "box_reg") for t in (1, 2, 3)}

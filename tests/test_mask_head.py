@@ -90,7 +90,6 @@ def test_polygon_rectangle_equals_box_fill():
     assert torch.equal(polygon_mask_targets([[[1.0, 2.0, 3.0, 4.0]]], boxes[:1], 28), torch.zeros(1, 28, 28))
 
 
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
 def test_polygon_targets_agree_with_bitmap_targets():
     gen = torch.Generator().manual_seed(1)
     h, w = 90, 100

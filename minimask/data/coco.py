@@ -1,0 +1,322 @@
+"""COCO-format instance datasets (boxes, masks, keypoints) read with pycocotools; images decoded with pillow.
+
+Implements the data side of "Rethinking ImageNet Pre-training" (He, Girshick, Dollar 2019), Sec. 4 (COCO
+experiments: Mask R-CNN on train2017, evaluated on val2017; keypoints in Sec. 4.5), following detectron2's
+loading conventions (`data/datasets/coco.py`, `data/detection_utils.py`):
+
+- `load_image(path)`: pillow decode with `Image.load()` forced (truncated files fail here, not later), EXIF
+  orientation applied (`ImageOps.exif_transpose`), any mode -> RGB float32 (3, H, W) in [0, 1].
+  Alpha (RGBA, LA, PA, palette transparency via RGBA) is DROPPED, not composited: the colour channels are used
+  as stored, like detectron2's `convert("RGB")`. 16-bit grayscale ("I;16*", and "I", which older pillow used for
+  16-bit PNGs) is scaled by 1/65535 instead of pillow's clipping to 255. Every failure (missing, zero-byte,
+  non-image, truncated or corrupt file) raises `ImageLoadError`, a subclass of `OSError`, naming the file.
+- `CocoDetection`: the annotation file is validated up front (ValueError naming the file and the record), then
+  indexed with pycocotools. All filtering is decided at construction from the JSON alone (no image decoding):
+  crowd annotations (`iscrowd=1`) never reach targets (COCOeval reads them from the JSON itself); boxes are
+  converted xywh -> xyxy, clipped to the image, and dropped when empty; non-crowd instances without a usable
+  segmentation (in files with segmentations) and, for keypoint files, persons without any visible keypoint are
+  dropped. The counts are in `dataset.stats` and logged once on logger "minimask.data".
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+logger = logging.getLogger("minimask.data")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageLoadError(OSError):
+    """An image file is missing, empty, not an image, truncated or corrupt; the message names the file."""
+
+
+def load_image(path) -> torch.Tensor:
+    """Decode `path` to a float32 (3, H, W) RGB tensor in [0, 1], H x W after EXIF orientation.
+
+    Raises `ImageLoadError` (an `OSError`) naming the file on any failure to open or fully decode it.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # force the full decode so truncated/corrupt data fails here
+            img = ImageOps.exif_transpose(img)  # EXIF Orientation tag -> upright pixels (a loaded copy)
+        if img.mode in _SIXTEEN_BIT_MODES:
+            gray = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)  # (H, W)
+            return torch.from_numpy(gray).unsqueeze(0).repeat(3, 1, 1)  # (3, H, W)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # pillow's route for palette transparency; alpha dropped below
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{path}: image file not found") from e
+    except Exception as e:  # pillow raises OSError, SyntaxError, ValueError, struct.error, ... for bad data
+        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    return pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _segmentation_error(segm, h: int, w: int) -> str | None:
+    """Why `segm` is not a polygon list / RLE dict for an h x w image, or None when it is well formed."""
+    if isinstance(segm, list):
+        if all(isinstance(p, list) and len(p) % 2 == 0 for p in segm):
+            return None
+        return "'segmentation' polygons must be lists of an even number of coordinates"
+    if isinstance(segm, dict):
+        counts, size = segm.get("counts"), segm.get("size")
+        if not (isinstance(size, list) and size == [h, w]):
+            return f"RLE 'size' {size!r} is not the image's [height, width] = [{h}, {w}]"
+        if isinstance(counts, str):
+            return None  # compressed RLE
+        if isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts) and sum(counts) == h * w:
+            return None  # uncompressed RLE
+        return "RLE 'counts' must be a string or a list of non-negative ints summing to height * width"
+    return f"'segmentation' must be a list of polygons or an RLE dict, got {type(segm).__name__}"
+
+
+def _validate(data, ann_file: str) -> None:
+    """Raise ValueError naming `ann_file` and the offending record unless `data` is a well-formed COCO dict."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{ann_file}: top-level key {key!r} missing or not a list")
+
+    def check(kind, i, rec, fields):  # fields: (key, predicate, description)
+        if not isinstance(rec, dict):
+            raise ValueError(f"{ann_file}: {kind} #{i}: record must be a JSON object, got {rec!r}")
+        for key, ok, what in fields:
+            if key not in rec:
+                raise ValueError(f"{ann_file}: {kind} #{i} (id={rec.get('id')!r}): missing key {key!r}")
+            if not ok(rec[key]):
+                raise ValueError(f"{ann_file}: {kind} #{i} (id={rec.get('id')!r}): {key!r} must be {what}, "
+                                 f"got {rec[key]!r}")
+
+    def positive(v):
+        return _is_int(v) and v > 0
+
+    images, categories, ann_ids = {}, {}, set()
+    for i, img in enumerate(data["images"]):
+        check("image", i, img, [("id", _is_int, "an int"),
+                                ("file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+                                ("height", positive, "a positive int"), ("width", positive, "a positive int")])
+        if img["id"] in images:
+            raise ValueError(f"{ann_file}: image #{i} (id={img['id']}): duplicate image id")
+        images[img["id"]] = img
+    for i, cat in enumerate(data["categories"]):
+        check("category", i, cat, [("id", _is_int, "an int"), ("name", lambda v: isinstance(v, str), "a string")])
+        names = cat.get("keypoints", [])
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{ann_file}: category #{i} (id={cat['id']}): 'keypoints' must be a list of names")
+        if cat["id"] in categories:
+            raise ValueError(f"{ann_file}: category #{i} (id={cat['id']}): duplicate category id")
+        categories[cat["id"]] = cat
+    for i, ann in enumerate(data["annotations"]):
+        check("annotation", i, ann, [
+            ("id", _is_int, "an int"), ("image_id", _is_int, "an int"), ("category_id", _is_int, "an int"),
+            ("bbox", lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_num, v)),
+             "a list of 4 finite numbers [x, y, w, h]"),
+            ("iscrowd", lambda v: _is_int(v) and v in (0, 1), "0 or 1")])
+        where = f"{ann_file}: annotation #{i} (id={ann['id']})"
+        if ann["id"] in ann_ids:
+            raise ValueError(f"{where}: duplicate annotation id")
+        ann_ids.add(ann["id"])
+        if ann["image_id"] not in images:
+            raise ValueError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+        if ann["category_id"] not in categories:
+            raise ValueError(f"{where}: category_id {ann['category_id']} is not in 'categories'")
+        img = images[ann["image_id"]]
+        if "segmentation" in ann:
+            error = _segmentation_error(ann["segmentation"], img["height"], img["width"])
+            if error:
+                raise ValueError(f"{where}: {error}")
+        num_kp = len(categories[ann["category_id"]].get("keypoints", []))
+        kp = ann.get("keypoints")
+        if kp is not None and num_kp and not (isinstance(kp, list) and len(kp) == 3 * num_kp
+                                               and all(map(_is_num, kp))):
+            raise ValueError(f"{where}: 'keypoints' must be a list of {3 * num_kp} numbers (x, y, v) * {num_kp}")
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format instance dataset: `dataset[i] -> (image, target)`.
+
+    image: float32 (3, H, W) RGB in [0, 1] (see `load_image`). target: `boxes` (N, 4) float32 xyxy in
+    continuous pixels, `labels` (N,) int64 in 1..K, `masks` (N, H, W) uint8 when the file has segmentations,
+    `keypoints` (N, K_kp, 3) float32 (x + 0.5, y + 0.5, v) in keypoint mode, `image_id` int, `orig_size`
+    (H0, W0) of the decoded image; then `image, target = transforms(image, target)` when given. N may be 0.
+
+    Labels: category ids sorted ascending map to 1..K; `category_ids[k - 1]` is the id of label k.
+    filter_empty: drop images with no usable (non-crowd, non-degenerate, ...) instance; False keeps them.
+    keypoints: None = auto (True when a category lists keypoint names). In keypoint mode, instances of a keypoint
+        category (COCO: person) with no labelled keypoint (all v == 0) are dropped from the targets (they cannot
+        train the keypoint head); instances of other categories keep all-zero (unlabelled) keypoints.
+    skip_bad_images: False -> a missing/corrupt image raises ImageLoadError naming it. True -> `dataset[i]`
+        returns the next loadable sample (i+1, i+2, ..., wrapping) with that sample's own target and adds 1 to
+        `stats["skipped_images"]` per bad file met; inside DataLoader workers each worker holds its own copy, so
+        the count is per worker (and lost with the worker).
+    A decoded image whose size differs from the JSON's height/width always raises ValueError (annotations would
+    not line up; a swapped size usually means an EXIF rotation the JSON did not account for).
+    """
+
+    def __init__(self, ann_file, image_dir, *, transforms=None, filter_empty=True, skip_bad_images=False,
+                 keypoints=None):
+        self.ann_file, self.image_dir = os.fspath(ann_file), os.fspath(image_dir)
+        self.transforms, self.skip_bad_images = transforms, skip_bad_images
+        with open(self.ann_file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary files
+                raise ValueError(f"{self.ann_file}: not valid JSON ({type(e).__name__}: {e})") from e
+        _validate(data, self.ann_file)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in cats]
+        self.category_names = [c["name"] for c in cats]
+        self.num_classes = len(cats)
+        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}  # 0 stays background
+
+        kp_names = {tuple(c["keypoints"]) for c in cats if c.get("keypoints")}
+        if keypoints is None:
+            keypoints = bool(kp_names)
+        if keypoints and len(kp_names) != 1:
+            raise ValueError(f"{self.ann_file}: keypoints=True needs exactly one list of keypoint names in "
+                             f"'categories', found {len(kp_names)}")
+        self.keypoints = bool(keypoints)
+        self.keypoint_names = list(next(iter(kp_names))) if self.keypoints else []
+        self.num_keypoints = len(self.keypoint_names)
+        # In keypoint mode only the categories that define keypoint names (COCO: person) need a visible keypoint;
+        # other classes stay as box/mask targets with every keypoint unlabelled (v = 0, ignored by the loss).
+        keypoint_categories = {c["id"] for c in cats if c.get("keypoints")}
+        self.has_masks = any("segmentation" in a for a in data["annotations"] if not a["iscrowd"])
+
+        self._images = {img["id"]: img for img in data["images"]}
+        self._instances = {img_id: [] for img_id in self._images}  # image id -> [(box, label, segm, kps)]
+        stats = dict(images=len(self._images), kept_images=0, annotations=len(data["annotations"]),
+                     kept_annotations=0, crowd=0, degenerate=0, invalid_segmentation=0, no_visible_keypoints=0,
+                     skipped_images=0)
+        for ann in data["annotations"]:
+            if ann["iscrowd"]:
+                stats["crowd"] += 1
+                continue
+            img = self._images[ann["image_id"]]
+            h, w = img["height"], img["width"]
+            x, y, bw, bh = ann["bbox"]
+            box = [min(max(x, 0), w), min(max(y, 0), h), min(max(x + bw, 0), w), min(max(y + bh, 0), h)]
+            if box[2] <= box[0] or box[3] <= box[1]:  # empty after clipping: zero/negative size or outside
+                stats["degenerate"] += 1
+                continue
+            segm = ann.get("segmentation")
+            if isinstance(segm, list):  # detectron2: a polygon needs >= 3 points
+                segm = [p for p in segm if len(p) >= 6]
+            if self.has_masks and not segm:
+                stats["invalid_segmentation"] += 1
+                continue
+            kps = ann.get("keypoints")
+            if self.keypoints and ann["category_id"] in keypoint_categories:
+                if not (kps and len(kps) == 3 * self.num_keypoints and max(kps[2::3]) > 0):
+                    stats["no_visible_keypoints"] += 1
+                    continue
+            elif self.keypoints:  # a class without keypoints (e.g. the synthetic set's shapes): all unlabelled
+                kps = [0.0] * (3 * self.num_keypoints)
+            self._instances[img["id"]].append((box, label_of[ann["category_id"]], segm, kps))
+            stats["kept_annotations"] += 1
+        self.ids = sorted(i for i, inst in self._instances.items() if inst or not filter_empty)
+        stats["kept_images"] = len(self.ids)
+        self.stats = stats
+        dropped = stats["degenerate"] + stats["invalid_segmentation"]
+        logger.log(logging.WARNING if dropped else logging.INFO,
+                   "%s: kept %d of %d images, %d of %d annotations (dropped: %d crowd, %d degenerate boxes, "
+                   "%d without a valid segmentation, %d without visible keypoints)", self.ann_file,
+                   stats["kept_images"], stats["images"], stats["kept_annotations"], stats["annotations"],
+                   stats["crowd"], stats["degenerate"], stats["invalid_segmentation"], stats["no_visible_keypoints"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_hw(self, i: int) -> tuple[int, int]:
+        """(height, width) of kept image i from the JSON, without decoding it."""
+        img = self._images[self.ids[i]]
+        return img["height"], img["width"]
+
+    def image_path(self, i: int) -> str:
+        return os.path.join(self.image_dir, self._images[self.ids[i]]["file_name"])
+
+    def __getitem__(self, idx: int):
+        n = len(self.ids)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for a dataset of {n} images")
+        for attempt in range(n):
+            j = (idx + attempt) % n
+            try:
+                image = load_image(self.image_path(j))
+            except ImageLoadError as e:
+                if not self.skip_bad_images:
+                    raise
+                self.stats["skipped_images"] += 1
+                logger.warning("skipping unreadable image: %s", e)
+                continue
+            return self._sample(j, image)
+        raise ImageLoadError(f"{self.image_dir}: none of the {n} images of {self.ann_file} could be loaded")
+
+    def _sample(self, j: int, image: torch.Tensor):
+        img = self._images[self.ids[j]]
+        h, w = image.shape[-2:]
+        if (h, w) != (img["height"], img["width"]):
+            hint = " (swapped: EXIF rotation?)" if (w, h) == (img["height"], img["width"]) else ""
+            raise ValueError(f"{self.image_path(j)}: decoded image is {h}x{w} (HxW) but {self.ann_file} says "
+                             f"{img['height']}x{img['width']} for image id {img['id']}{hint}")
+        instances = self._instances[img["id"]]
+        target = {
+            "boxes": torch.tensor([b for b, _, _, _ in instances], dtype=torch.float32).reshape(-1, 4),  # (N, 4)
+            "labels": torch.tensor([lab for _, lab, _, _ in instances], dtype=torch.int64),  # (N,)
+            "image_id": img["id"],
+            "orig_size": (h, w),
+        }
+        if self.has_masks:
+            target["masks"] = self._decode_masks([s for _, _, s, _ in instances], h, w)  # (N, H, W)
+        if self.keypoints:
+            kps = np.asarray([k for _, _, _, k in instances], dtype=np.float32).reshape(-1, self.num_keypoints, 3)
+            # detectron2 convention: COCO stores integer pixel indices; +0.5 moves labelled points to pixel centres
+            kps[..., :2] += 0.5 * (kps[..., 2:] > 0)
+            target["keypoints"] = torch.from_numpy(kps)  # (N, K, 3)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    @staticmethod
+    def _decode_masks(segms: list, h: int, w: int) -> torch.Tensor:
+        """Polygons / uncompressed RLE / compressed RLE -> (N, h, w) uint8 via pycocotools."""
+        if not segms:
+            return torch.zeros((0, h, w), dtype=torch.uint8)
+        rles = []
+        for segm in segms:
+            if isinstance(segm, list):  # polygons of one object: rasterize each part, then union
+                rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, h, w)))
+            elif isinstance(segm["counts"], list):  # uncompressed RLE
+                rles.append(mask_utils.frPyObjects(segm, h, w))
+            else:  # compressed RLE
+                rles.append(segm)
+        masks = mask_utils.decode(rles)  # (H, W, N) Fortran order
+        return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
