@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimask.distributed import global_normalizer
 from minimask.losses import box_regression_loss
 from minimask.norm import get_norm
 from minimask.ops.boxes import batched_nms, clip_boxes_to_image
@@ -116,6 +117,10 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, r
         {"loss_classifier": CE averaged over all R RoIs,
          "loss_box_reg": box loss summed over the foreground RoIs (only the GT class's 4 deltas) divided by R}.
         With R == 0 both are 0, still connected to the graph.
+
+    Data parallel: R is the global number of sampled RoIs; each rank divides its local sums by
+    `global_normalizer(R_local)` (= R_global / world_size, R in one process), so the gradient averaged over ranks is
+    that of one process holding the whole batch. Every rank must call this (a collective), even with R_local == 0.
     """
     r = class_logits.shape[0]
     if class_logits.dim() != 2 or box_deltas.dim() != 2 or box_deltas.shape[0] != r:
@@ -127,10 +132,13 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, r
     if labels.shape != (r,) or regression_targets.shape != (r, 4):
         raise ValueError(f"labels must be ({r},) and regression_targets ({r}, 4); got {tuple(labels.shape)} "
                          f"and {tuple(regression_targets.shape)}")
-    if r == 0:  # cross_entropy's mean over nothing is NaN
+    # Before any early return: every rank takes part in the all-reduce.
+    normalizer = global_normalizer(torch.full((), r, dtype=torch.float32, device=class_logits.device))
+    if r == 0:
         zero = class_logits.sum() * 0.0 + box_deltas.sum() * 0.0
         return {"loss_classifier": zero, "loss_box_reg": zero.clone()}
-    loss_classifier = F.cross_entropy(class_logits.float(), labels)
+    loss_dtype = torch.promote_types(class_logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
+    loss_classifier = F.cross_entropy(class_logits.to(loss_dtype), labels, reduction="sum") / normalizer
     if box_deltas.shape[1] == 4:  # class-agnostic: one set of deltas for every class
         deltas = box_deltas  # (R, 4)
     else:
@@ -139,9 +147,9 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, r
     # Mask background rows with `where` rather than boolean indexing: no host sync, and non-finite background
     # targets cannot leak into the sum; |0 - 0| contributes exactly 0 for L1 and smooth-L1.
     foreground = (labels > 0)[:, None]  # (R, 1)
-    deltas = torch.where(foreground, deltas.float(), 0.0)
-    targets = torch.where(foreground, regression_targets.float(), 0.0)
-    loss_box_reg = box_regression_loss(deltas, targets, loss_type, beta) / r  # detectron2: divide by all RoIs
+    deltas = torch.where(foreground, deltas.to(loss_dtype), 0.0)
+    targets = torch.where(foreground, regression_targets.to(loss_dtype), 0.0)
+    loss_box_reg = box_regression_loss(deltas, targets, loss_type, beta) / normalizer  # detectron2: / all RoIs
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
 

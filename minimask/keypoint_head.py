@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimask.distributed import global_normalizer
+
 
 class KeypointHead(nn.Module):
     """Conv stack + deconv + 2x bilinear upsampling: (R, C, 14, 14) features -> (R, P, 56, 56) heatmap logits."""
@@ -97,6 +99,9 @@ def keypoint_loss(logits: Tensor, flat_idx: Tensor, valid: Tensor) -> Tensor:
         flat_idx, valid: (R, P) from `keypoint_targets`.
     Returns:
         Scalar. With no valid keypoint (or R == 0) it is 0 and still connected to the graph (gradient 0).
+
+    Data parallel: the count is the global number of valid keypoints (`global_normalizer`), so the gradient averaged
+    over ranks equals one process holding the whole batch. A collective: every rank must call it, even with R == 0.
     """
     if logits.dim() != 4:
         raise ValueError(f"logits must have shape (R, P, S, S), got {tuple(logits.shape)}")
@@ -104,13 +109,14 @@ def keypoint_loss(logits: Tensor, flat_idx: Tensor, valid: Tensor) -> Tensor:
     if flat_idx.shape != (num_rois, num_keypoints) or valid.shape != (num_rois, num_keypoints):
         raise ValueError(f"flat_idx and valid must have shape ({num_rois}, {num_keypoints}), got "
                          f"{tuple(flat_idx.shape)} and {tuple(valid.shape)}")
+    normalizer = global_normalizer(valid.sum())  # before the early return: every rank takes part
     if logits.numel() == 0:
         return logits.sum() * 0
     ce = F.cross_entropy(logits.reshape(num_rois * num_keypoints, h * w), flat_idx.reshape(-1),
                          reduction="none")  # (R * P,)
     valid = valid.reshape(-1)
     total = torch.where(valid, ce, 0).sum()
-    return total / valid.sum().clamp(min=1)
+    return total / normalizer
 
 
 def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:

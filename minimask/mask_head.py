@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_util
 from torch import Tensor, nn
 
+from minimask.distributed import global_normalizer
 from minimask.norm import get_norm
 from minimask.ops.roi_align import roi_align
 
@@ -161,6 +162,10 @@ def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
         targets: (R, S, S) targets in [0, 1].
     Returns:
         Scalar: the mean over all R * S * S pixels. R == 0 gives `logits.sum() * 0` (0, still in the graph).
+
+    Data parallel: the pixel sum is divided by `global_normalizer(R * S * S)` (the global pixel count / world size;
+    the local count in one process), so the gradient averaged over ranks equals one process holding the whole
+    batch. It is a collective: every rank must call mask_loss, even with R == 0.
     """
     if logits.dim() != 4 or logits.shape[2] != logits.shape[3]:
         raise ValueError(f"logits must have shape (R, K, S, S), got {tuple(logits.shape)}")
@@ -169,11 +174,15 @@ def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
         raise ValueError(f"labels must have shape ({num_rois},), got {tuple(labels.shape)}")
     if targets.shape != (num_rois, side, side):
         raise ValueError(f"targets must have shape ({num_rois}, {side}, {side}), got {tuple(targets.shape)}")
+    # Before the early return: every rank takes part in the all-reduce.
+    normalizer = global_normalizer(torch.full((), num_rois * side * side, dtype=torch.float32, device=logits.device))
     if num_rois == 0:
         return logits.sum() * 0
     rows = torch.arange(num_rois, device=logits.device)
-    class_logits = logits[rows, labels - 1]  # (R, S, S)
-    return F.binary_cross_entropy_with_logits(class_logits, targets.to(class_logits.dtype), reduction="mean")
+    loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # a pixel SUM would overflow fp16
+    class_logits = logits[rows, labels - 1].to(loss_dtype)  # (R, S, S)
+    total = F.binary_cross_entropy_with_logits(class_logits, targets.to(loss_dtype), reduction="sum")
+    return total / normalizer
 
 
 def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, chunk_size: int | None = None) -> Tensor:

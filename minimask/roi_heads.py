@@ -216,8 +216,12 @@ class RoIHeads(nn.Module):
 
     def _mask_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
         logits = self.mask_head(self._pool(features, [s.boxes for s in foreground], self.mask_resolution))
-        if logits.shape[0] == 0:  # no foreground RoI in the batch: 0, but every mask parameter stays in the graph
-            return logits.sum() * 0.0
+        if logits.shape[0] == 0:
+            # No foreground RoI here: the loss is 0 but still goes through mask_loss, which keeps every mask parameter
+            # in the graph and joins the loss normaliser's all-reduce that the other ranks make.
+            side = logits.shape[-1]
+            no_labels = torch.zeros(0, dtype=torch.int64, device=logits.device)
+            return mask_loss(logits, no_labels, logits.new_zeros(0, side, side))
         mask_targets_ = torch.cat([
             self._mask_targets(s, t) for s, t in zip(foreground, targets) if s.boxes.shape[0] > 0
         ])  # (F, M, M)
@@ -234,8 +238,10 @@ class RoIHeads(nn.Module):
     def _keypoint_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
         selected = with_visible_keypoints(foreground, [t["keypoints"] for t in targets])
         logits = self.keypoint_head(self._pool(features, [s.boxes for s in selected], self.keypoint_resolution))
-        if logits.shape[0] == 0:
-            return logits.sum() * 0.0
+        if logits.shape[0] == 0:  # as for masks: 0 through keypoint_loss, so the normaliser's all-reduce still runs
+            num_keypoints = logits.shape[1]
+            no_points = torch.zeros(0, num_keypoints, dtype=torch.int64, device=logits.device)
+            return keypoint_loss(logits, no_points, no_points.bool())
         flat_idx, valid = zip(*(
             keypoint_targets(t["keypoints"][s.matched_idxs], s.boxes, self.keypoint_heatmap_size)
             for s, t in zip(selected, targets)

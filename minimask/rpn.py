@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimask.anchors import multilevel_anchors
+from minimask.distributed import global_normalizer
 from minimask.losses import box_regression_loss
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
@@ -110,6 +111,9 @@ def rpn_losses(
         {"loss_objectness": BCE-with-logits summed over anchors with label >= 0,
          "loss_rpn_box_reg": box_regression_loss summed over anchors with label 1, against encode(gt, anchor)}.
         With no positive anchor, loss_rpn_box_reg is exactly 0 and still connected to pred_deltas' graph.
+
+    Data parallel: B is the global number of images (`global_normalizer(B_local)`, B_local in one process), so the
+    gradient averaged over ranks equals one process holding the whole batch; every rank must call this.
     """
     b, m = pred_logits.shape
     if anchors.shape != (m, 4) or pred_deltas.shape != (b, m, 4):
@@ -125,10 +129,12 @@ def rpn_losses(
     with torch.no_grad():
         target_deltas = encode(matched_gt_boxes[pos], anchors.expand(b, m, 4)[pos], _RPN_BOX_WEIGHTS)  # (P, 4)
     loss_box = box_regression_loss(pred_deltas[pos], target_deltas, box_reg_loss, smooth_l1_beta)
+    loss_dtype = torch.promote_types(pred_logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
     loss_obj = F.binary_cross_entropy_with_logits(
-        pred_logits[valid].float(), labels[valid].float(), reduction="sum"
+        pred_logits[valid].to(loss_dtype), labels[valid].to(loss_dtype), reduction="sum"
     )
-    normalizer = float(batch_size_per_image * b)
+    images = global_normalizer(torch.full((), b, dtype=torch.float32, device=pred_logits.device))
+    normalizer = images * batch_size_per_image  # detectron2: per image, batch_size_per_image anchors
     return {"loss_objectness": loss_obj / normalizer, "loss_rpn_box_reg": loss_box / normalizer}
 
 
