@@ -136,6 +136,8 @@ class DataConfig:
     train: str = "datasets/coco"  # a COCO root, annotation/image pairs, or "synthetic"
     num_workers: int = 4
     filter_empty: bool = True  # D2: images without usable annotations are dropped from training
+    val: str = ""  # evaluation data, same forms as `train`; "" = the val split of `train`'s root
+    train_subset: int = 0  # train on this many images chosen with the seed (`subset_indices`); 0 = all
 
 
 @dataclass
@@ -151,8 +153,12 @@ class SolverConfig:
     warmup_iters: int = 1000  # D2 linear warm-up
     warmup_factor: float = 0.001
     amp: bool = False  # the paper-era configs train in fp32
+    lr: float = 0.0  # the learning rate actually used; 0 = base_lr scaled linearly to batch_size (train.py --lr)
+    clip_grad_norm: float = 0.0  # max global gradient L2 norm; 0 = no clipping (D2 default: off)
     checkpoint_period: int = 5000
+    keep_checkpoints: int = 3  # periodic checkpoints kept on disk (the newest ones); 0 = keep all
     eval_period: int = 10_000
+    log_period: int = 20  # iterations between metrics.jsonl lines (D2 writes every 20)
 
 
 @dataclass
@@ -190,6 +196,13 @@ _TINY = [
     "solver.eval_period=100",
 ]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs
 
+_DEMO = _TINY + [
+    "model.roi_heads.num_classes=6", "input.min_size_train=(160, 192)", "input.max_size_train=320",
+    "input.min_size_test=192", "input.max_size_test=320", "solver.batch_size=2", "solver.lr=0.01",
+    "solver.max_iter=900", "solver.steps=(600, 800)", "solver.warmup_iters=100", "solver.checkpoint_period=300",
+    "solver.eval_period=0", "solver.clip_grad_norm=10.0",
+]  # `python train.py --config demo`: the tiny model on the synthetic set, end to end on a CPU in minutes
+
 PRESETS: dict[str, list[str]] = {
     "r50_fpn_gn": [],
     "r101_fpn_gn": ["model.backbone.depth=101"],
@@ -202,6 +215,7 @@ PRESETS: dict[str, list[str]] = {
     "r50_fpn_gn_keypoint": _KEYPOINT,
     "r50_fpn_gn_box": ["model.mask_head.enabled=False"],  # Faster R-CNN
     "tiny": _TINY,
+    "demo": _DEMO,
     "tiny_keypoint": _TINY + _KEYPOINT + ["model.keypoint_head.conv_dims=(64, 64)", "model.rpn.post_nms_topk_train=100"],
 }
 

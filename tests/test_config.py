@@ -9,7 +9,7 @@ from minimask.config import PRESETS, Config, get_config, to_dict
 def test_every_preset_builds_a_config():
     required = {"r50_fpn_gn", "r101_fpn_gn", "x101_32x8d_fpn_gn", "x152_32x8d_fpn_gn", "r50_fpn_syncbn",
                 "r50_fpn_frozenbn", "r50_fpn_gn_cascade", "r50_fpn_gn_keypoint", "r50_fpn_gn_box", "tiny",
-                "tiny_keypoint"}
+                "tiny_keypoint", "demo"}
     assert required <= set(PRESETS)
     for name in PRESETS:
         assert isinstance(get_config(name), Config)

@@ -1,0 +1,580 @@
+"""Train a minimask model from random init (the paper's setting), ImageNet weights or a checkpoint, with periodic
+checkpoints, exact resumption and COCO evaluation ("Rethinking ImageNet Pre-training", He et al. 2019, Sec. 3-4:
+fixed-iteration schedules 1x..9x with the LR x0.1 at the last 60k and 20k iterations, linear LR scaling, GN).
+
+    python train.py --config demo                                   (synthetic data, a few minutes on a CPU)
+    python train.py --config r50_fpn_gn --data datasets/coco --schedule 3x --output out/r50_scratch_3x
+    python train.py --config tiny --data synthetic --iters 200 --batch-size 4 solver.clip_grad_norm=5
+    python train.py ... --resume                                    (continue from the newest checkpoint in --output)
+    torchrun --nproc_per_node 8 train.py --config r50_fpn_gn ...    (--batch-size is global, split over processes)
+
+Config precedence: the preset, then the flags, then the trailing key=value overrides. num_classes (and the number
+of keypoints) come from the training set unless an override pins them. The resolved config is printed and saved to
+<output>/config.json; metrics go to <output>/metrics.jsonl (one JSON object per line, "kind" train or eval) and
+plots to <output>/loss.png and <output>/ap.png. SIGTERM / SIGINT save a checkpoint after the current iteration and
+exit with code 0. Bad input -> a one-line error and exit code 2; a non-finite loss -> exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minimask
+from minimask.checkpoint import (checkpoint_name, list_checkpoints, load_latest, prune_checkpoints, rng_state,
+                                 save_checkpoint, set_rng_state)
+from minimask.config import PRESETS, apply_override, to_dict
+from minimask.data import CocoDetection, build_test_loader, build_train_loader, build_transforms, subset_indices
+from minimask.data import synthetic_dataset
+from minimask.data.samplers import consumed_samples
+from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, broadcast_parameters, init_distributed,
+                                  reduce_dict_mean)
+from minimask.evaluation import evaluate_coco, gather_results, inference
+from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
+
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the usage too; one line is asked for
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="r50_fpn_gn", help=f"preset ({', '.join(PRESETS)})")
+    p.add_argument("--data", help="COCO root (annotations/ + train2017/ + val2017/), a synthetic root "
+                   "(annotations/instances_{train,val}.json + train/ + val/), or 'synthetic' (default: data.train)")
+    p.add_argument("--init", choices=("random", "imagenet", "checkpoint"), default="random",
+                   help="random (the paper's scratch setting), imagenet backbone weights, or a whole-model checkpoint")
+    p.add_argument("--weights", help=".pth for --init imagenet (backbone state dict) or checkpoint (model)")
+    p.add_argument("--iters", type=int, help="iterations to train (LR steps scaled as in the 1x schedule)")
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), help="the paper's schedules (1x = 90k iterations)")
+    p.add_argument("--batch-size", type=int, help="global images per iteration (all processes together)")
+    p.add_argument("--lr", type=float, help="learning rate (default: solver.base_lr at batch 16, scaled linearly)")
+    p.add_argument("--eval-period", type=int, help="iterations between evaluations (0: only at the end)")
+    p.add_argument("--output", help="output folder (default: output/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16 + scaling)")
+    p.add_argument("--seed", type=int, help="seed of the initialisation, sample order and augmentation")
+    p.add_argument("--train-subset", type=int, help="train on N images chosen with the seed")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.clip_grad_norm=5")
+    return p
+
+
+# ---- configuration -----------------------------------------------------------------------------------------------
+
+def resolve_config(args):
+    """The run's Config: preset, then flags, then overrides (ValueError / UsageError on bad values)."""
+    if args.config not in PRESETS:
+        raise UsageError(f"--config: unknown preset {args.config!r}; choose one of: {', '.join(PRESETS)}")
+    if args.iters is not None and args.schedule:
+        raise UsageError("give --iters or --schedule, not both")
+    if args.init == "random" and args.weights:
+        raise UsageError("--weights needs --init imagenet or --init checkpoint (--init random trains from scratch)")
+    if args.init != "random" and not args.weights:
+        raise UsageError(f"--init {args.init} needs --weights FILE")
+    cfg = minimask.get_config(args.config)
+    s = cfg.solver
+    if args.iters is not None or args.schedule:
+        s.max_iter = args.iters if args.iters is not None else SCHEDULES[args.schedule]
+        if s.max_iter >= 1:
+            s.steps = tuple(lr_steps(s.max_iter))
+    for value, set_field in ((args.data, lambda v: setattr(cfg.data, "train", v)),
+                             (args.batch_size, lambda v: setattr(s, "batch_size", v)),
+                             (args.lr, lambda v: setattr(s, "lr", v)),
+                             (args.eval_period, lambda v: setattr(s, "eval_period", v)),
+                             (args.seed, lambda v: setattr(cfg, "seed", v)),
+                             (args.train_subset, lambda v: setattr(cfg.data, "train_subset", v)),
+                             (args.workers, lambda v: setattr(cfg.data, "num_workers", v))):
+        if value is not None:
+            set_field(value)
+    if args.amp:
+        s.amp = True
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UsageError(f"overrides must be key=value, got {bad[0]!r}")
+    for item in args.overrides:
+        apply_override(cfg, item)  # ValueError naming an unknown key or a wrong type
+    keys = {o.split("=", 1)[0].strip() for o in args.overrides}
+    if "solver.max_iter" in keys and "solver.steps" not in keys and s.max_iter >= 1:
+        s.steps = tuple(lr_steps(s.max_iter))
+    checks = [(s.max_iter >= 1, f"the number of iterations must be >= 1, got {s.max_iter}"),
+              (s.batch_size >= 1, f"the batch size must be >= 1, got {s.batch_size}"),
+              (cfg.data.train_subset >= 0, f"--train-subset must be >= 0 (0: all images), got {cfg.data.train_subset}"),
+              (cfg.data.num_workers >= 0, f"--workers must be >= 0, got {cfg.data.num_workers}"),
+              (s.eval_period >= 0 and s.checkpoint_period >= 0, "eval and checkpoint periods must be >= 0"),
+              (s.log_period >= 1 and s.keep_checkpoints >= 0, "need solver.log_period >= 1, keep_checkpoints >= 0"),
+              (s.lr >= 0, f"the learning rate must be >= 0, got {s.lr}")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return cfg, keys
+
+
+def resolve_data(spec: str, keypoints: bool) -> dict:
+    """(ann, images) of the train and val splits for a --data value (see build_parser)."""
+    if spec == "synthetic":
+        paths = synthetic_dataset()
+        return dict(train=(paths.train_ann, paths.train_images), val=(paths.val_ann, paths.val_images))
+    root = Path(spec)
+    if not root.is_dir():
+        raise UsageError(f"--data: no such dataset folder: {spec}")
+    kind = "person_keypoints" if keypoints else "instances"
+    for train, val in (("train2017", "val2017"), ("train", "val")):
+        ann = root / "annotations" / f"{kind}_{train}.json"
+        if ann.is_file():
+            return dict(train=(ann, root / train), val=(root / "annotations" / f"{kind}_{val}.json", root / val))
+    raise UsageError(f"--data: {spec} holds neither annotations/{kind}_train2017.json nor {kind}_train.json")
+
+
+class IndexSubset(torch.utils.data.Dataset):
+    """`dataset` restricted to `indices` (keeps `image_hw`, which the aspect-ratio grouping reads)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+    def image_hw(self, i):
+        return self.dataset.image_hw(self.indices[i])
+
+
+def resolve_splits(cfg) -> dict:
+    """{"train": (ann, images), "val": (ann, images)} from data.train / data.val, checked to exist."""
+    keypoints = cfg.model.keypoint_head.enabled
+    splits = resolve_data(cfg.data.train, keypoints)
+    if cfg.data.val:
+        splits["val"] = resolve_data(cfg.data.val, keypoints)["val"]
+    for name, (ann, images) in splits.items():
+        if not Path(ann).is_file() or not Path(images).is_dir():
+            raise UsageError(f"--data: the {name} split needs {ann} and the folder {images}")
+    return splits
+
+
+def build_datasets(cfg, keys, splits):
+    """Train and val CocoDetection (train possibly subset); fills num_classes / num_keypoints from the data."""
+    keypoints = cfg.model.keypoint_head.enabled
+    inp = cfg.input
+    train = CocoDetection(*splits["train"], filter_empty=cfg.data.filter_empty, keypoints=keypoints,
+                          transforms=build_transforms(min_sizes=inp.min_size_train, max_size=inp.max_size_train,
+                                                      flip=inp.horizontal_flip, train=True))
+    val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints,
+                        transforms=build_transforms(min_sizes=inp.min_size_test, max_size=inp.max_size_test,
+                                                    flip=False, train=False))
+    if keypoints and train.num_keypoints == 0:
+        raise UsageError(f"--config predicts keypoints but {splits['train'][0]} has no keypoint annotations")
+    if "model.roi_heads.num_classes" not in keys:
+        cfg.model.roi_heads.num_classes = train.num_classes
+    if keypoints and "model.keypoint_head.num_keypoints" not in keys:
+        cfg.model.keypoint_head.num_keypoints = train.num_keypoints
+    if cfg.data.train_subset:
+        train_subset = IndexSubset(train, subset_indices(len(train), cfg.data.train_subset, cfg.seed))
+        return train, train_subset, val
+    return train, train, val
+
+
+def check_output_dir(path: Path) -> None:
+    """Create `path` and prove it writable (UsageError otherwise), before any time is spent training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output: cannot write to {path} ({e.strerror or e})") from None
+
+
+def code_version() -> str:
+    """`git describe --always --dirty` of this file's repository, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def load_initial_weights(model, init: str, path: str) -> None:
+    """--init imagenet: a backbone state dict, strict=False with the differences reported; --init checkpoint: a
+    whole model (state dict or {"model": ...}), strict. Both with weights_only loading."""
+    if not Path(path).is_file():
+        raise UsageError(f"--weights: no such file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean "not a weights-only checkpoint"
+        raise UsageError(f"--weights: cannot load {path} as a weights-only checkpoint ({type(e).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--weights: {path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        if init == "imagenet":
+            state = {k.removeprefix("backbone."): v for k, v in state.items()}
+            missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+            print(f"ImageNet init from {path}: {len(missing)} missing keys {missing[:5]}, "
+                  f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        else:
+            model.load_state_dict(state, strict=True)
+            print(f"initialised the whole model from {path}")
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UsageError(f"--weights: {path} does not fit the model: {detail}") from None
+
+
+# ---- entry point -------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0; 1 on divergence; 2 for bad input)."""
+    try:
+        args = build_parser().parse_intermixed_args(argv)
+        run = prepare(args)
+    except (UsageError, ValueError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return train(**run)
+
+
+def prepare(args) -> dict:
+    """Everything that depends on the user's input, validated before training starts."""
+    cfg, keys = resolve_config(args)
+    splits = resolve_splits(cfg)
+    output = Path(args.output or f"output/{args.config}")
+    check_output_dir(output)
+    dist_info = init_distributed()
+    if cfg.solver.batch_size % dist_info.world_size:
+        raise UsageError(f"--batch-size {cfg.solver.batch_size} is not divisible by the world size "
+                         f"{dist_info.world_size}")
+    if list_checkpoints(output) and not args.resume:
+        raise UsageError(f"--output {output} already holds checkpoints; pass --resume to continue that run, or "
+                         f"choose another folder")
+    torch.manual_seed(cfg.seed)  # the initialisation is a function of the seed
+    full_train, train_set, val_set = build_datasets(cfg, keys, splits)
+    model = minimask.build_model(cfg)
+    model.category_ids.copy_(torch.tensor(full_train.category_ids, dtype=torch.int64))
+    if args.init != "random":
+        load_initial_weights(model, args.init, args.weights)
+    return dict(cfg=cfg, model=model, train_set=train_set, val_set=val_set, output=output, dist_info=dist_info,
+                resume=args.resume, label_map={"category_ids": list(full_train.category_ids),
+                                               "category_names": list(full_train.category_names)})
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current iteration and exits cleanly."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers only install there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """(context factory, GradScaler or None): bf16 autocast where the device supports it, else fp16 + scaling."""
+    if not enabled:
+        return contextlib.nullcontext, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bool, label_map: dict) -> int:
+    """The training loop (see the module docstring); returns the exit code."""
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    main_process = rank == 0
+    s = cfg.solver
+    lr = s.lr or scaled_lr(s.base_lr, s.batch_size)
+    per_rank = s.batch_size // world_size
+    model.to(device)
+    optimizer = build_optimizer(model, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                                weight_decay_norm=s.weight_decay_norm)
+    autocast, scaler = autocast_context(device, s.amp)
+    config_dict = to_dict(cfg)
+    if main_process:
+        print(json.dumps(config_dict, indent=1))
+        (output / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
+        print(f"training {s.max_iter} iterations, global batch {s.batch_size} ({world_size} process(es), "
+              f"{per_rank} per process, {device}), lr {lr:g} (steps {s.steps}), {len(train_set)} training images")
+
+    iteration, saved = 0, None
+    if resume:
+        saved, path = load_latest(output)
+        if saved is None:
+            print(f"--resume: no checkpoint in {output}; starting from scratch")
+        else:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scaler is not None and saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            iteration = int(saved["iteration"])
+            print(f"resumed from {path} at iteration {iteration}")
+            warn_if_stream_changed(saved, config_dict, world_size)
+    if iteration >= s.max_iter:
+        print(f"nothing to do: the run in {output} already finished {iteration} iterations")
+        teardown(world_size)
+        return 0
+    if world_size > 1:
+        broadcast_parameters(model)
+    all_reduce = GradientAllReduce([p for p in model.parameters() if p.requires_grad]) if world_size > 1 else None
+
+    start = consumed_samples(iteration, per_rank, world_size)
+    loader = build_train_loader(train_set, batch_size_per_rank=per_rank, seed=cfg.seed, rank=rank,
+                                world_size=world_size, start=start, num_workers=cfg.data.num_workers)
+    batches = iter(loader)  # draws the loader's base seed from the RNG: before restoring the saved RNG state
+    if saved is not None:
+        set_rng_state(saved["rng"])
+
+    version = code_version()
+
+    def checkpoint(name: str) -> None:
+        if not main_process:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                 "consumed_samples": consumed_samples(iteration, per_rank, world_size), "world_size": world_size,
+                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
+                 "config": config_dict, "label_map": label_map, "code_version": version}
+        save_checkpoint(output / name, state)
+        if s.keep_checkpoints:
+            prune_checkpoints(output, s.keep_checkpoints)
+
+    metrics_file = output / "metrics.jsonl"
+    history = read_metrics(metrics_file, before=iteration) if main_process else []
+    if main_process:
+        write_metrics(metrics_file, history)  # drop lines a crashed run logged after its last checkpoint
+    bar = make_progress_bar(iteration, s.max_iter, enabled=main_process)
+    model.train()
+    window_start, data_time, window_losses, window_iters = time.perf_counter(), 0.0, {}, 0
+    with StopRequest() as stop:
+        while iteration < s.max_iter:
+            t0 = time.perf_counter()
+            images, targets = next(batches)
+            data_time += time.perf_counter() - t0
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(iteration, base_lr=lr, max_iter=s.max_iter, steps=s.steps, gamma=s.gamma,
+                                    warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
+            with autocast():
+                loss_dict = model(images, targets)
+            losses = sum(loss_dict.values())
+            # One sync per iteration (detectron2 checks every iteration too). Every process must take the same
+            # decision, or the others would wait forever in the next all-reduce: the flags are summed over ranks.
+            flags = torch.stack([~torch.isfinite(losses.detach()), torch.tensor(bool(stop.signal_name),
+                                                                                 device=losses.device)]).float()
+            if world_size > 1:
+                flags = all_reduce_sum(flags)
+            diverged, stopping = (bool(f) for f in flags.tolist())
+            if diverged:
+                bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+                where = ", ".join(f"{k} = {loss_dict[k].item()}" for k in bad) if bad else "on another process"
+                print(f"train.py: error: non-finite loss at iteration {iteration + 1}: {where}; stopping (the last "
+                      f"checkpoint in {output} is kept)", file=sys.stderr)
+                bar.close()
+                teardown(world_size)
+                return EXIT_DIVERGED
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(losses) if scaler is not None else losses).backward()
+            if all_reduce is not None:
+                all_reduce.finish()  # waits for the bucketed all-reduces and averages over processes
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if s.clip_grad_norm > 0:
+                clip_grad_norm([p for p in model.parameters() if p.grad is not None], s.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            iteration += 1
+            bar.update(1)
+            window_iters += 1
+            for name, value in loss_dict.items():  # summed on the device: no sync until the log line
+                window_losses[name] = window_losses.get(name, 0.0) + value.detach().float()
+
+            last = iteration == s.max_iter
+            if iteration % s.log_period == 0 or last:
+                logged = reduce_dict_mean({k: v / window_iters for k, v in window_losses.items()})  # window mean
+                elapsed = time.perf_counter() - window_start
+                record = {"iter": iteration, "kind": "train",
+                          "loss": sum(float(v) for v in logged.values()),
+                          **{name if name.startswith("loss_") else f"loss_{name}": float(v)
+                             for name, v in logged.items()},
+                          "lr": optimizer.param_groups[0]["lr"], "sec_per_iter": elapsed / window_iters,
+                          "data_sec": data_time / window_iters, "max_mem_mb": max_memory_mb(device)}
+                window_start, data_time, window_losses, window_iters = time.perf_counter(), 0.0, {}, 0
+                if main_process:
+                    append_metrics(metrics_file, record, history)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
+            if stopping and not last:
+                checkpoint(checkpoint_name(iteration))
+                bar.close()
+                print(f"received {stop.signal_name or 'a stop request'}: saved a checkpoint at iteration {iteration} "
+                      f"in {output}; rerun with --resume to continue")
+                teardown(world_size)
+                return 0
+            if not last and s.checkpoint_period and iteration % s.checkpoint_period == 0:
+                checkpoint(checkpoint_name(iteration))
+            if last or (s.eval_period and iteration % s.eval_period == 0):
+                if last:
+                    checkpoint("model_final.pth")
+                saved_rng = rng_state()  # evaluation must not change the training's random stream
+                run_evaluation(model, val_set, device=device, rank=rank, world_size=world_size, iteration=iteration,
+                               cfg=cfg, metrics_file=metrics_file, history=history, output=output)
+                set_rng_state(saved_rng)
+                window_start = time.perf_counter()  # keep evaluation out of sec_per_iter
+    bar.close()
+    if main_process:
+        print(f"done: {s.max_iter} iterations; final model {output / 'model_final.pth'}")
+    teardown(world_size)
+    return 0
+
+
+def teardown(world_size: int) -> None:
+    """Wait for every process (rank 0 may still be writing) and leave the process group."""
+    if world_size > 1:
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
+def warn_if_stream_changed(saved: dict, config: dict, world_size: int) -> None:
+    """Exact resumption needs the same sample stream (seed, data, batch size, world size): say what changed."""
+    old = saved.get("config", {})
+    fields = [("seed",), ("data", "train"), ("data", "train_subset"), ("solver", "batch_size"), ("solver", "max_iter")]
+    changed = []
+    for keys in fields:
+        a, b = old, config
+        for k in keys:
+            a, b = a.get(k) if isinstance(a, dict) else None, b.get(k)
+        if a != b:
+            changed.append(f"{'.'.join(keys)} {a!r} -> {b!r}")
+    if saved.get("world_size", world_size) != world_size:
+        changed.append(f"world size {saved['world_size']} -> {world_size}")
+    if changed:
+        print(f"warning: resuming with a changed setup ({'; '.join(changed)}): the run will not repeat an "
+              f"uninterrupted one exactly")
+
+
+# ---- evaluation, metrics, plots ----------------------------------------------------------------------------------
+
+def run_evaluation(model, val_set, *, device, rank, world_size, iteration, cfg, metrics_file, history, output):
+    """COCO AP of the current model on the val split; rank 0 prints pycocotools' summary, logs and plots."""
+    loader = build_test_loader(val_set, rank=rank, world_size=world_size, num_workers=cfg.data.num_workers)
+    start = time.perf_counter()
+    seen: list[int] = []
+    local = inference(model, loader, device=device, seen_image_ids=seen)
+    results = gather_results(local, seen, val_set.ids)
+    if rank != 0:
+        return
+    iou_types = ("bbox",) + ("segm",) * cfg.model.mask_head.enabled + ("keypoints",) * cfg.model.keypoint_head.enabled
+    print(f"\nevaluation at iteration {iteration}: {len(val_set)} images, {len(results)} detections "
+          f"({time.perf_counter() - start:.1f} s)")
+    metrics = evaluate_coco(val_set.coco, results, iou_types=iou_types)
+    append_metrics(metrics_file, {"iter": iteration, "kind": "eval", **metrics}, history)
+    plot_metrics(history, output)
+
+
+def read_metrics(path: Path, before: int) -> list[dict]:
+    """The records of metrics.jsonl with iter <= `before` (a resumed run continues the same history)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("iter", 0) <= before:
+                records.append(record)
+    return records
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_metrics(path: Path, record: dict, history: list[dict]) -> None:
+    history.append(record)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_metrics(history: list[dict], output: Path) -> None:
+    """loss.png (total and per-term training losses) and ap.png (AP of each evaluated type vs iteration)."""
+    from matplotlib.figure import Figure  # renders with Agg without pyplot (no GUI backend, faster import)
+
+    train = [r for r in history if r["kind"] == "train"]
+    if train:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.add_subplot()
+        for key in ["loss"] + sorted({k for r in train for k in r if k.startswith("loss_")}):
+            ax.plot([r["iter"] for r in train if key in r], [r[key] for r in train if key in r], label=key,
+                    linewidth=2 if key == "loss" else 1)
+        ax.set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
+        ax.legend(fontsize=7)
+        fig.savefig(output / "loss.png", dpi=100)
+    evals = [r for r in history if r["kind"] == "eval"]
+    if evals:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.add_subplot()
+        for kind in ("bbox", "segm", "keypoints"):
+            points = [(r["iter"], r[f"{kind}/AP"]) for r in evals if r.get(f"{kind}/AP") is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{kind} AP")
+        ax.set(xlabel="iteration", ylabel="AP (%)", title="COCO AP on the val split")
+        ax.legend()
+        fig.savefig(output / "ap.png", dpi=100)
+
+
+def max_memory_mb(device: torch.device) -> float:
+    """Peak memory: the CUDA allocator's on GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:
+        return math.nan
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def make_progress_bar(initial: int, total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=initial, total=total, disable=not enabled, dynamic_ncols=True, desc="train",
+                file=sys.stderr, mininterval=2.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
