@@ -343,6 +343,16 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
             iteration = int(saved["iteration"])
             print(f"resumed from {path} at iteration {iteration}")
             warn_if_stream_changed(saved, config_dict, world_size)
+    if world_size > 1:
+        # Every process must resume from the same iteration, or they would wait on each other forever. Each one
+        # reads --output itself, so it must be on a filesystem that every node sees.
+        bounds = torch.tensor([-iteration, iteration], device=device)
+        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)  # (-min, max) over processes
+        if -bounds[0].item() != bounds[1].item():
+            print(f"train.py: error: the processes found different checkpoints to resume from in {output} (it must "
+                  f"be on a filesystem that every node shares)", file=sys.stderr)
+            teardown(world_size)
+            return EXIT_USAGE
     if iteration >= s.max_iter:
         print(f"nothing to do: the run in {output} already finished {iteration} iterations")
         teardown(world_size)
@@ -356,16 +366,22 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
                                 world_size=world_size, start=start, num_workers=cfg.data.num_workers)
     batches = iter(loader)  # draws the loader's base seed from the RNG: before restoring the saved RNG state
     if saved is not None:
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"][rank % len(saved["rng"])])  # this process's own stream (see checkpoint())
 
     version = code_version()
 
     def checkpoint(name: str) -> None:
+        # Every process's random state, in rank order, so that each one resumes its own stream. The gather is a
+        # collective: all processes call checkpoint() at the same iterations.
+        rng_states = [rng_state()]
+        if world_size > 1:
+            rng_states = [None] * world_size
+            torch.distributed.all_gather_object(rng_states, rng_state())
         if not main_process:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                  "consumed_samples": consumed_samples(iteration, per_rank, world_size), "world_size": world_size,
-                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
+                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_states,
                  "config": config_dict, "label_map": label_map, "code_version": version}
         save_checkpoint(output / name, state)
         if s.keep_checkpoints:
