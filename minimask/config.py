@@ -199,7 +199,7 @@ _TINY = [
 _DEMO = _TINY + [
     "model.roi_heads.num_classes=6", "input.min_size_train=(160, 192)", "input.max_size_train=320",
     "input.min_size_test=192", "input.max_size_test=320", "solver.batch_size=2", "solver.lr=0.01",
-    "solver.max_iter=900", "solver.steps=(600, 800)", "solver.warmup_iters=100", "solver.checkpoint_period=300",
+    "solver.max_iter=1800", "solver.steps=(1200, 1600)", "solver.warmup_iters=100", "solver.checkpoint_period=600",
     "solver.eval_period=0", "solver.clip_grad_norm=10.0",
 ]  # `python train.py --config demo`: the tiny model on the synthetic set, end to end on a CPU in minutes
 

@@ -227,7 +227,7 @@ def test_demo_preset_is_a_small_synthetic_run():
     cfg = minimask.get_config("demo")
     assert cfg.data.train == "synthetic" and cfg.model.backbone.depth == 18 and cfg.model.fpn.out_channels == 64
     assert max(cfg.input.min_size_train) <= 256 and cfg.input.max_size_test <= 320
-    assert cfg.solver.max_iter <= 1000 and cfg.solver.steps[0] < cfg.solver.steps[1] < cfg.solver.max_iter
+    assert cfg.solver.max_iter <= 2000 and cfg.solver.steps[0] < cfg.solver.steps[1] < cfg.solver.max_iter
     model = minimask.build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) < 20e6
 
