@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 import time
 import warnings
@@ -27,6 +26,7 @@ import torch
 from pycocotools.coco import COCO
 
 import minimask
+from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
@@ -174,23 +174,21 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_model_run(args) -> dict:
     """Everything that depends on the user's input (config, dataset, checkpoint), validated before inference."""
-    from minimask.data.coco import CocoDetection
+    from minimask.data.coco import CocoDetection, split_paths
     from minimask.data.samplers import build_test_loader
     from minimask.data.transforms import build_transforms
 
     cfg = minimask.get_config(args.config, args.overrides)  # ValueError: unknown preset / key / value
     keypoints = cfg.model.keypoint_head.enabled
     if args.data:
-        split = args.split or "val2017"
-        kind = "person_keypoints" if keypoints else "instances"
-        ann, images = Path(args.data) / "annotations" / f"{kind}_{split}.json", Path(args.data) / split
+        ann, images = split_paths(args.data, args.split or "val2017", keypoints)
     else:
         ann, images = Path(args.ann), Path(args.images)
     _require_file(str(ann), "--ann" if args.ann else "--data")
     if not images.is_dir():
         raise UsageError(f"no such image folder: {images}")
 
-    rank, world_size, device = init_distributed(args.device)
+    rank, world_size, device = select_device(args.device)
     # TTA resizes from the original image itself; plain inference uses the test pipeline (shorter side 800).
     transforms = None if args.tta else build_transforms(
         min_sizes=cfg.input.min_size_test, max_size=cfg.input.max_size_test, flip=False, train=False)
@@ -211,27 +209,20 @@ def prepare_model_run(args) -> dict:
                 iou_types=tuple(iou_types), output=args.output, tta=tta)
 
 
-def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; under torchrun (WORLD_SIZE > 1) the process group is initialised from the
-    environment: NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        device = torch.device(device_arg)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """Rank, world size and device: the process group from torchrun's environment (minimask.distributed), and
+    --device where given instead of the process's default device."""
+    info = init_distributed()
+    if not device_arg:
+        return info.rank, info.world_size, info.device
+    device = torch.device(device_arg)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device_arg}: CUDA is not available")
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    if world_size == 1:
-        return 0, 1, device
-    dist = torch.distributed
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return info.rank, info.world_size, device
 
 
 def load_weights(model: torch.nn.Module, path: str, dataset_category_ids: list[int]) -> None:

@@ -35,6 +35,7 @@ from minimask.checkpoint import (checkpoint_name, list_checkpoints, load_latest,
 from minimask.config import PRESETS, apply_override, to_dict
 from minimask.data import CocoDetection, build_test_loader, build_train_loader, build_transforms, subset_indices
 from minimask.data import synthetic_dataset
+from minimask.data.coco import split_paths
 from minimask.data.samplers import consumed_samples
 from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, broadcast_parameters, init_distributed,
                                   reduce_dict_mean)
@@ -135,11 +136,10 @@ def resolve_data(spec: str, keypoints: bool) -> dict:
     root = Path(spec)
     if not root.is_dir():
         raise UsageError(f"--data: no such dataset folder: {spec}")
+    for train, val in (("train2017", "val2017"), ("train", "val")):  # COCO, then the synthetic set's layout
+        if split_paths(root, train, keypoints)[0].is_file():
+            return dict(train=split_paths(root, train, keypoints), val=split_paths(root, val, keypoints))
     kind = "person_keypoints" if keypoints else "instances"
-    for train, val in (("train2017", "val2017"), ("train", "val")):
-        ann = root / "annotations" / f"{kind}_{train}.json"
-        if ann.is_file():
-            return dict(train=(ann, root / train), val=(root / "annotations" / f"{kind}_{val}.json", root / val))
     raise UsageError(f"--data: {spec} holds neither annotations/{kind}_train2017.json nor {kind}_train.json")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
+from minimask.ops.boxes import check_boxes
 
 
 class KeypointHead(nn.Module):
@@ -50,11 +51,6 @@ class KeypointHead(nn.Module):
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # (R, P, 56, 56)
 
 
-def _check_boxes(boxes: Tensor) -> None:
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (R, 4), got {tuple(boxes.shape)}")
-
-
 def keypoint_targets(keypoints: Tensor, boxes: Tensor, heatmap_size: int) -> tuple[Tensor, Tensor]:
     """The heatmap cell of each GT keypoint inside its RoI (detectron2 `_keypoints_to_heatmap`).
 
@@ -71,7 +67,7 @@ def keypoint_targets(keypoints: Tensor, boxes: Tensor, heatmap_size: int) -> tup
     """
     if keypoints.dim() != 3 or keypoints.shape[2] != 3:
         raise ValueError(f"keypoints must have shape (R, P, 3), got {tuple(keypoints.shape)}")
-    _check_boxes(boxes)
+    check_boxes(boxes)
     if keypoints.shape[0] != boxes.shape[0]:
         raise ValueError(f"keypoints and boxes differ in length: {keypoints.shape[0]} and {boxes.shape[0]}")
     keypoints, boxes = keypoints.detach(), boxes.detach().to(keypoints.device, keypoints.dtype)
@@ -140,7 +136,7 @@ def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor
     """
     if logits.dim() != 4:
         raise ValueError(f"logits must have shape (R, P, S, S), got {tuple(logits.shape)}")
-    _check_boxes(boxes)
+    check_boxes(boxes)
     if logits.shape[0] != boxes.shape[0]:
         raise ValueError(f"logits and boxes differ in length: {logits.shape[0]} and {boxes.shape[0]}")
     num_rois, num_keypoints = logits.shape[:2]

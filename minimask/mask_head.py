@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
 from minimask.norm import get_norm
+from minimask.ops.boxes import check_boxes
 from minimask.ops.roi_align import roi_align
 
 # Bytes allowed for the (n, h, w) float temporary of one paste chunk; detectron2 uses ~1 GB for its whole paste.
@@ -74,11 +75,6 @@ class MaskHead(nn.Module):
         return self.predictor(x)  # (R, K, 28, 28)
 
 
-def _check_boxes(boxes: Tensor) -> None:
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (R, 4), got {tuple(boxes.shape)}")
-
-
 def _float_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
 
@@ -96,7 +92,7 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: in
     """
     if gt_masks.dim() != 3:
         raise ValueError(f"gt_masks must have shape (G, H, W), got {tuple(gt_masks.shape)}")
-    _check_boxes(boxes)
+    check_boxes(boxes)
     if matched_idxs.shape != (boxes.shape[0],):
         raise ValueError(f"matched_idxs must have shape ({boxes.shape[0]},), got {tuple(matched_idxs.shape)}")
     dtype = _float_dtype(boxes)
@@ -129,7 +125,7 @@ def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
     Returns:
         (R, S, S) tensor in boxes' float dtype, values in {0, 1}, on boxes' device. R == 0 gives (0, S, S).
     """
-    _check_boxes(boxes)
+    check_boxes(boxes)
     if len(polygons) != boxes.shape[0]:
         raise ValueError(f"polygons has {len(polygons)} entries for {boxes.shape[0]} boxes")
     dtype = _float_dtype(boxes)
@@ -211,7 +207,7 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, ch
     """
     if probs.dim() != 3:
         raise ValueError(f"probs must have shape (N, S, S), got {tuple(probs.shape)}")
-    _check_boxes(boxes)
+    check_boxes(boxes)
     if boxes.shape[0] != probs.shape[0]:
         raise ValueError(f"probs and boxes differ in length: {probs.shape[0]} masks, {boxes.shape[0]} boxes")
     img_h, img_w = int(image_size[0]), int(image_size[1])

@@ -14,7 +14,6 @@ dicts with `boxes` (N, 4) float xyxy, `labels` (N,) int64 in 1..num_classes (0 i
 (x, y, visibility) in continuous pixel coordinates. The model never resizes: that belongs to the data pipeline.
 """
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,13 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 class ImageLoadError(OSError):
     """An image file is missing, empty, not an image, truncated or corrupt; the message names the file."""
+
+
+def split_paths(root, split: str, keypoints: bool = False) -> tuple[Path, Path]:
+    """(annotation file, image folder) of `split` in a COCO-layout root: annotations/instances_<split>.json (or
+    person_keypoints_<split>.json) and <split>/. Existence is not checked."""
+    kind = "person_keypoints" if keypoints else "instances"
+    return Path(root) / "annotations" / f"{kind}_{split}.json", Path(root) / split
 
 
 def load_image(path) -> torch.Tensor:

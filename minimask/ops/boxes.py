@@ -19,7 +19,8 @@ from torch import Tensor
 _NMS_TILE = 256
 
 
-def _check_boxes(boxes: Tensor, name: str = "boxes") -> None:
+def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
+    """ValueError naming `name` unless boxes is an (N, 4) tensor."""
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(boxes).__name__}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -28,7 +29,7 @@ def _check_boxes(boxes: Tensor, name: str = "boxes") -> None:
 
 def box_area(boxes: Tensor) -> Tensor:
     """Area of each box; (N, 4) -> (N,). Boxes with x2 < x1 or y2 < y1 get a negative area; callers drop them."""
-    _check_boxes(boxes)
+    check_boxes(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
@@ -50,8 +51,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     Two boxes of zero area give 0/0 = NaN, as in torchvision. The result is fp32 for fp16/bf16 inputs.
     """
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    check_boxes(boxes1, "boxes1")
+    check_boxes(boxes2, "boxes2")
     return _pairwise_iou(boxes1, boxes2)
 
 
@@ -67,14 +68,14 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of the boxes whose width and height are both >= min_size (torchvision semantics); (N,) int64."""
-    _check_boxes(boxes)
+    check_boxes(boxes)
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
     return torch.where((widths >= min_size) & (heights >= min_size))[0]
 
 
 def _check_nms_args(boxes: Tensor, scores: Tensor) -> None:
-    _check_boxes(boxes)
+    check_boxes(boxes)
     if scores.dim() != 1:
         raise ValueError(f"scores must have shape (N,), got {tuple(scores.shape)}")
     if scores.shape[0] != boxes.shape[0]:
