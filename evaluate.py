@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", help="COCO annotation file (ground truth)")
     p.add_argument("--config", help=f"model preset ({', '.join(_presets())})")
     p.add_argument("--weights", help="checkpoint .pth: a state dict or a dict with a 'model' entry")
-    p.add_argument("--data", help="COCO root holding annotations/ and the split's image folder")
-    p.add_argument("--split", help="split under --data (default val2017)")
+    p.add_argument("--data", help="COCO root holding annotations/ and the split's image folder, or 'synthetic'")
+    p.add_argument("--split", help="split under --data (default: val2017, or val for the synthetic layout)")
     p.add_argument("--images", help="image folder for --ann")
     p.add_argument("--output", help="folder for results_*.json and metrics.json")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: several scales + horizontal flip")
@@ -174,14 +174,16 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_model_run(args) -> dict:
     """Everything that depends on the user's input (config, dataset, checkpoint), validated before inference."""
-    from minimask.data.coco import CocoDetection, split_paths
+    from minimask.data.coco import CocoDetection, dataset_splits, split_paths
     from minimask.data.samplers import build_test_loader
     from minimask.data.transforms import build_transforms
 
     cfg = minimask.get_config(args.config, args.overrides)  # ValueError: unknown preset / key / value
     keypoints = cfg.model.keypoint_head.enabled
-    if args.data:
-        ann, images = split_paths(args.data, args.split or "val2017", keypoints)
+    if args.data and args.split:
+        ann, images = split_paths(args.data, args.split, keypoints)
+    elif args.data:
+        ann, images = dataset_splits(args.data, keypoints)["val"]  # ValueError naming what is missing
     else:
         ann, images = Path(args.ann), Path(args.images)
     _require_file(str(ann), "--ann" if args.ann else "--data")

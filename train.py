@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -33,17 +32,21 @@ import minimask
 from minimask.checkpoint import (checkpoint_name, list_checkpoints, load_latest, prune_checkpoints, rng_state,
                                  save_checkpoint, set_rng_state)
 from minimask.config import PRESETS, apply_override, to_dict
-from minimask.data import CocoDetection, build_test_loader, build_train_loader, build_transforms, subset_indices
-from minimask.data import synthetic_dataset
-from minimask.data.coco import split_paths
-from minimask.data.samplers import consumed_samples
+from minimask.data import (CocoDetection, IndexSubset, build_test_loader, build_train_loader, build_transforms,
+                           subset_indices)
+from minimask.data.coco import dataset_splits
+from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, broadcast_parameters, init_distributed,
                                   reduce_dict_mean)
+from minimask.norm import recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
+from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
 from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.weights import load_initial_weights
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
+PRECISE_BN_STREAM = 7  # precise BN draws its batches from the sample stream of base seed derive_seed(seed, 7, iter)
 
 
 class UsageError(Exception):
@@ -128,43 +131,12 @@ def resolve_config(args):
     return cfg, keys
 
 
-def resolve_data(spec: str, keypoints: bool) -> dict:
-    """(ann, images) of the train and val splits for a --data value (see build_parser)."""
-    if spec == "synthetic":
-        paths = synthetic_dataset()
-        return dict(train=(paths.train_ann, paths.train_images), val=(paths.val_ann, paths.val_images))
-    root = Path(spec)
-    if not root.is_dir():
-        raise UsageError(f"--data: no such dataset folder: {spec}")
-    for train, val in (("train2017", "val2017"), ("train", "val")):  # COCO, then the synthetic set's layout
-        if split_paths(root, train, keypoints)[0].is_file():
-            return dict(train=split_paths(root, train, keypoints), val=split_paths(root, val, keypoints))
-    kind = "person_keypoints" if keypoints else "instances"
-    raise UsageError(f"--data: {spec} holds neither annotations/{kind}_train2017.json nor {kind}_train.json")
-
-
-class IndexSubset(torch.utils.data.Dataset):
-    """`dataset` restricted to `indices` (keeps `image_hw`, which the aspect-ratio grouping reads)."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-    def image_hw(self, i):
-        return self.dataset.image_hw(self.indices[i])
-
-
 def resolve_splits(cfg) -> dict:
     """{"train": (ann, images), "val": (ann, images)} from data.train / data.val, checked to exist."""
     keypoints = cfg.model.keypoint_head.enabled
-    splits = resolve_data(cfg.data.train, keypoints)
+    splits = dataset_splits(cfg.data.train, keypoints)
     if cfg.data.val:
-        splits["val"] = resolve_data(cfg.data.val, keypoints)["val"]
+        splits["val"] = dataset_splits(cfg.data.val, keypoints)["val"]
     for name, (ann, images) in splits.items():
         if not Path(ann).is_file() or not Path(images).is_dir():
             raise UsageError(f"--data: the {name} split needs {ann} and the folder {images}")
@@ -212,34 +184,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def load_initial_weights(model, init: str, path: str) -> None:
-    """--init imagenet: a backbone state dict, strict=False with the differences reported; --init checkpoint: a
-    whole model (state dict or {"model": ...}), strict. Both with weights_only loading."""
-    if not Path(path).is_file():
-        raise UsageError(f"--weights: no such file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a weights-only checkpoint"
-        raise UsageError(f"--weights: cannot load {path} as a weights-only checkpoint ({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--weights: {path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        if init == "imagenet":
-            state = {k.removeprefix("backbone."): v for k, v in state.items()}
-            missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-            print(f"ImageNet init from {path}: {len(missing)} missing keys {missing[:5]}, "
-                  f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-        else:
-            model.load_state_dict(state, strict=True)
-            print(f"initialised the whole model from {path}")
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise UsageError(f"--weights: {path} does not fit the model: {detail}") from None
 
 
 # ---- entry point -------------------------------------------------------------------------------------------------
@@ -399,9 +343,7 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
             t0 = time.perf_counter()
             images, targets = next(batches)
             data_time += time.perf_counter() - t0
-            images = [img.to(device, non_blocking=True) for img in images]
-            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                       for t in targets]
+            images, targets = to_device(images, targets, device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(iteration, base_lr=lr, max_iter=s.max_iter, steps=s.steps, gamma=s.gamma,
                                     warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
@@ -466,18 +408,50 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
             if not last and s.checkpoint_period and iteration % s.checkpoint_period == 0:
                 checkpoint(checkpoint_name(iteration))
             if last or (s.eval_period and iteration % s.eval_period == 0):
+                # Evaluation must not change the training run: neither its random stream nor (precise BN) the
+                # BN statistics it goes on with. The final model keeps its precise statistics.
+                saved_rng, saved_bn = rng_state(), bn_statistics(model)
+                if s.precise_bn_iters:
+                    precise_bn(model, train_set, cfg=cfg, iteration=iteration, dist_info=dist_info)
                 if last:
+                    set_rng_state(saved_rng)
                     checkpoint("model_final.pth")
-                saved_rng = rng_state()  # evaluation must not change the training's random stream
                 run_evaluation(model, val_set, device=device, rank=rank, world_size=world_size, iteration=iteration,
                                cfg=cfg, metrics_file=metrics_file, history=history, output=output)
                 set_rng_state(saved_rng)
+                if not last:
+                    model.load_state_dict(saved_bn, strict=False)
                 window_start = time.perf_counter()  # keep evaluation out of sec_per_iter
     bar.close()
     if main_process:
         print(f"done: {s.max_iter} iterations; final model {output / 'model_final.pth'}")
     teardown(world_size)
     return 0
+
+
+def to_device(images: list, targets: list[dict], device: torch.device) -> tuple[list, list[dict]]:
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def bn_statistics(model) -> dict:
+    """Copies of the BatchNorm running statistics (what precise BN changes), to put back after an evaluation."""
+    return {name: buf.clone() for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1].startswith("running_")}
+
+
+def precise_bn(model, train_set, *, cfg, iteration: int, dist_info) -> None:
+    """Recompute BN statistics over solver.precise_bn_iters training batches (a sample stream of their own, seeded
+    by the iteration, so that a resumed run repeats it); a no-op without BatchNorm layers."""
+    world_size, device = dist_info.world_size, dist_info.device
+    loader = build_train_loader(train_set, batch_size_per_rank=cfg.solver.batch_size // world_size,
+                                seed=derive_seed(cfg.seed, PRECISE_BN_STREAM, iteration), rank=dist_info.rank,
+                                world_size=world_size, num_workers=cfg.data.num_workers)
+    used = recompute_bn_stats(model, loader, lambda m, batch: m(*to_device(*batch, device)),
+                              cfg.solver.precise_bn_iters)
+    if used and dist_info.rank == 0:
+        print(f"precise BN: recomputed the BatchNorm statistics over {used} batches")
 
 
 def teardown(world_size: int) -> None:
@@ -522,67 +496,6 @@ def run_evaluation(model, val_set, *, device, rank, world_size, iteration, cfg, 
     metrics = evaluate_coco(val_set.coco, results, iou_types=iou_types)
     append_metrics(metrics_file, {"iter": iteration, "kind": "eval", **metrics}, history)
     plot_metrics(history, output)
-
-
-def read_metrics(path: Path, before: int) -> list[dict]:
-    """The records of metrics.jsonl with iter <= `before` (a resumed run continues the same history)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if record.get("iter", 0) <= before:
-                records.append(record)
-    return records
-
-
-def write_metrics(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def append_metrics(path: Path, record: dict, history: list[dict]) -> None:
-    history.append(record)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def plot_metrics(history: list[dict], output: Path) -> None:
-    """loss.png (total and per-term training losses) and ap.png (AP of each evaluated type vs iteration)."""
-    from matplotlib.figure import Figure  # renders with Agg without pyplot (no GUI backend, faster import)
-
-    train = [r for r in history if r["kind"] == "train"]
-    if train:
-        fig = Figure(figsize=(7, 4))
-        ax = fig.add_subplot()
-        for key in ["loss"] + sorted({k for r in train for k in r if k.startswith("loss_")}):
-            ax.plot([r["iter"] for r in train if key in r], [r[key] for r in train if key in r], label=key,
-                    linewidth=2 if key == "loss" else 1)
-        ax.set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
-        ax.legend(fontsize=7)
-        fig.savefig(output / "loss.png", dpi=100)
-    evals = [r for r in history if r["kind"] == "eval"]
-    if evals:
-        fig = Figure(figsize=(7, 4))
-        ax = fig.add_subplot()
-        for kind in ("bbox", "segm", "keypoints"):
-            points = [(r["iter"], r[f"{kind}/AP"]) for r in evals if r.get(f"{kind}/AP") is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"{kind} AP")
-        ax.set(xlabel="iteration", ylabel="AP (%)", title="COCO AP on the val split")
-        ax.legend()
-        fig.savefig(output / "ap.png", dpi=100)
-
-
-def max_memory_mb(device: torch.device) -> float:
-    """Peak memory: the CUDA allocator's on GPU, else the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:
-        return math.nan
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def make_progress_bar(initial: int, total: int, *, enabled: bool):

@@ -158,6 +158,8 @@ class SolverConfig:
     checkpoint_period: int = 5000
     keep_checkpoints: int = 3  # periodic checkpoints kept on disk (the newest ones); 0 = keep all
     eval_period: int = 10_000
+    precise_bn_iters: int = 0  # D2 TEST.PRECISE_BN (on, 200 batches, in its SyncBN configs): BN statistics
+    # recomputed over this many training batches before each evaluation; 0 = off, no effect without BatchNorm
     log_period: int = 20  # iterations between metrics.jsonl lines (D2 writes every 20)
 
 
@@ -179,7 +181,7 @@ _FROZENBN_2FC = [
     "model.box_head.norm=", "model.mask_head.norm=", "model.pixel_std=(1.0, 1.0, 1.0)",
 ]  # the classic ImageNet fine-tuning baseline (D2 mask_rcnn_R_50_FPN_3x.yaml)
 _SYNCBN = ["model.backbone.norm=SyncBN", "model.fpn.norm=SyncBN", "model.box_head.norm=SyncBN",
-           "model.mask_head.norm=SyncBN"]  # D2 scratch_mask_rcnn_R_50_FPN_9x_syncbn.yaml
+           "model.mask_head.norm=SyncBN", "solver.precise_bn_iters=200"]  # D2 scratch_..._9x_syncbn.yaml
 _KEYPOINT = [
     "model.roi_heads.num_classes=1", "model.mask_head.enabled=False", "model.keypoint_head.enabled=True",
     "model.rpn.post_nms_topk_train=1500", "model.box_head.reg_loss=smooth_l1", "model.box_head.smooth_l1_beta=0.5",

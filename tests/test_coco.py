@@ -398,3 +398,23 @@ def test_binary_annotation_file_is_not_json(tmp_path):
     ann_file.write_bytes(b"\xff\xd8\xff\x00\x01")
     with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
         CocoDetection(ann_file, tmp_path)
+
+
+def test_dataset_splits_finds_both_layouts_and_names_what_is_missing(tmp_path):
+    from minimask.data.coco import dataset_splits
+
+    coco, synth, empty = tmp_path / "coco", tmp_path / "synth", tmp_path / "empty"
+    for root, name in ((coco, "person_keypoints_train2017.json"), (synth, "instances_val.json")):
+        (root / "annotations").mkdir(parents=True)
+        (root / "annotations" / name).write_text("{}")
+    empty.mkdir()
+    splits = dataset_splits(str(coco), keypoints=True)
+    assert splits["train"] == (coco / "annotations" / "person_keypoints_train2017.json", coco / "train2017")
+    assert splits["val"] == (coco / "annotations" / "person_keypoints_val2017.json", coco / "val2017")
+    assert dataset_splits(str(synth))["val"] == (synth / "annotations" / "instances_val.json", synth / "val")
+    with pytest.raises(ValueError, match="instances_train2017.json"):
+        dataset_splits(str(coco), keypoints=False)  # only keypoint files there
+    with pytest.raises(ValueError, match="no such dataset folder"):
+        dataset_splits(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="holds neither"):
+        dataset_splits(str(empty))

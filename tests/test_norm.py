@@ -1,4 +1,5 @@
-"""Tests for minimask.norm: FrozenBatchNorm2d, SyncBatchNorm (single process and two gloo processes), get_norm."""
+"""Tests for minimask.norm: FrozenBatchNorm2d, SyncBatchNorm (single process and two gloo processes), get_norm,
+precise BN (recompute_bn_stats)."""
 import multiprocessing
 import os
 import socket
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimask.norm import FrozenBatchNorm2d, SyncBatchNorm, get_norm
+from minimask.norm import FrozenBatchNorm2d, SyncBatchNorm, get_norm, recompute_bn_stats
 
 
 def _random_bn(bn: nn.BatchNorm2d, dtype=torch.float32) -> nn.BatchNorm2d:
@@ -337,3 +338,75 @@ def test_sync_bn_two_processes_equals_global_batchnorm(tmp_path):
         for k in ("weight_grad", "bias_grad"):
             total = sum(res[k] for res in per_rank)
             torch.testing.assert_close(total, ref[k], **tol, msg=f"{case['name']} {k}")
+
+
+# ----------------------------------------------------------------------------------------------- precise BN
+
+def _pooled(xs):
+    """(mean, unbiased var) per channel of (N, C, H, W) tensors taken together."""
+    flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], dim=1)  # (C, L)
+    return flat.mean(1), flat.var(1, unbiased=True)
+
+
+def test_precise_bn_equals_the_statistics_of_all_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _random_bn(nn.BatchNorm2d(4)), nn.ReLU(), nn.Conv2d(4, 5, 1),
+                          _random_bn(nn.BatchNorm2d(5)), nn.GroupNorm(1, 5)).double().eval()
+    batches = [torch.randn(n, 3, h, w, dtype=torch.float64) * 3 + 2 for n, h, w in ((2, 6, 7), (1, 9, 5), (3, 4, 4))]
+    conv1, bn1, conv2 = model[0], model[1], model[3]
+    # Brute force: layer 1 sees conv1(x); layer 2 sees conv2(relu(bn1 with *batch* statistics)), as in training.
+    first = [conv1(x) for x in batches]
+    second = [conv2(torch.relu(nn.functional.batch_norm(y, None, None, bn1.weight, bn1.bias, training=True)))
+              for y in first]
+    momentum, tracked = bn1.momentum, bn1.num_batches_tracked.clone()
+
+    used = recompute_bn_stats(model, batches + batches, run=lambda m, x: m(x), num_iters=3)  # only 3 are used
+    assert used == 3
+    for bn, inputs in ((model[1], first), (model[4], second)):
+        mean, var = _pooled(inputs)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-10)
+    assert not model.training and bn1.momentum == momentum and torch.equal(bn1.num_batches_tracked, tracked)
+
+
+def test_precise_bn_leaves_models_without_batchnorm_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), FrozenBatchNorm2d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    assert recompute_bn_stats(model, [torch.ones(1, 3, 2, 2)], run=lambda m, x: calls.append(x), num_iters=5) == 0
+    assert calls == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _precise_bn_worker(rank, port, data_path, out_path):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        bn = _random_bn(SyncBatchNorm(C, momentum=0.1), torch.float64).double()
+        recompute_bn_stats(bn, torch.load(data_path)[rank], run=lambda m, x: m(x), num_iters=10)
+        torch.save({k: v.clone() for k, v in bn.named_buffers()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~5 s: two processes
+def test_precise_bn_two_processes_get_the_global_statistics(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    data = [[torch.randn(2, C, 3, 4, generator=gen, dtype=torch.float64) * (r + 1) + r for _ in range(2)]
+            for r in range(WORLD)]  # unequal statistics per rank
+    torch.save(data, tmp_path / "data.pt")
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_precise_bn_worker, args=(r, port, str(tmp_path / "data.pt"), str(tmp_path / f"{r}.pt")))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    mean, var = _pooled([x for rank_data in data for x in rank_data])
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"{r}.pt")
+        torch.testing.assert_close(out["running_mean"], mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out["running_var"], var, rtol=1e-10, atol=1e-10)

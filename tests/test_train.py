@@ -185,21 +185,26 @@ def test_precedence_preset_then_flags_then_overrides():
     assert cfg.solver.max_iter == 180_000 and cfg.solver.steps == (120_000, 160_000)
 
 
-def test_imagenet_init_loads_the_backbone_and_reports(tmp_path, capsys):
-    import minimask
-
-    cfg = minimask.get_config("tiny")
-    source = minimask.build_model(cfg).backbone.state_dict()
-    source["extra.weight"] = torch.zeros(1)  # e.g. an ImageNet classifier the detector has no place for
-    torch.save(source, tmp_path / "imagenet.pth")
-    model = minimask.build_model(cfg)
-    train.load_initial_weights(model, "imagenet", str(tmp_path / "imagenet.pth"))
-    for name, tensor in model.backbone.state_dict().items():
-        assert torch.equal(tensor, source[name]), name
-    assert "1 unexpected keys ['extra.weight']" in capsys.readouterr().out
-    torch.save({"model": {"nonsense": torch.zeros(1)}}, tmp_path / "bad.pth")
-    with pytest.raises(train.UsageError, match="does not fit"):
-        train.load_initial_weights(model, "checkpoint", str(tmp_path / "bad.pth"))
+@pytest.mark.slow
+def test_precise_bn_changes_the_evaluated_model_but_not_the_training_run(synthetic_root, tmp_path, capsys):
+    bn = ["model.backbone.norm=BN", "model.fpn.norm=BN", "model.box_head.norm=BN", "model.mask_head.norm=BN"]
+    runs = {}
+    for iters in (0, 2):
+        out = tmp_path / f"precise{iters}"
+        argv = tiny_argv(synthetic_root, out, "--eval-period", "2", *bn, "solver.checkpoint_period=3",
+                         f"solver.precise_bn_iters={iters}")  # 4 iterations: evaluations at 2 and 4
+        assert train.main(argv) == 0
+        runs[iters] = out
+    assert capsys.readouterr().out.count("precise BN: recomputed the BatchNorm statistics over 2 batches") == 2
+    losses = {i: [r["loss"] for r in read_metrics(out) if r["kind"] == "train"] for i, out in runs.items()}
+    assert losses[0] == losses[2]
+    # Training continues from the statistics it had before the evaluation at 2: the checkpoint at 3 is the same.
+    plain, precise = (load_checkpoint(runs[i] / "model_0000003.pth")["model"] for i in (0, 2))
+    assert all(torch.equal(plain[k], precise[k]) for k in plain)
+    plain, precise = (load_checkpoint(runs[i] / "model_final.pth")["model"] for i in (0, 2))
+    stats = [k for k in plain if k.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+    assert stats and all(not torch.allclose(plain[k], precise[k]) for k in stats)  # the final model's: recomputed
+    assert all(torch.equal(plain[k], precise[k]) for k in plain if k not in stats)  # the weights: the same
 
 
 @pytest.mark.slow

@@ -49,6 +49,29 @@ def split_paths(root, split: str, keypoints: bool = False) -> tuple[Path, Path]:
     return Path(root) / "annotations" / f"{kind}_{split}.json", Path(root) / split
 
 
+def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, Path]]:
+    """{"train": (ann, images), "val": (ann, images)} for a dataset given on the command line (`--data`).
+
+    `spec` is "synthetic" (the built-in set, rendered into the cache on first use), a COCO 2017 root
+    (annotations/ + train2017/ + val2017/) or a root in the synthetic set's layout (annotations/ + train/ + val/).
+    ValueError names what is missing. The val split's files are not checked here.
+    """
+    if spec == "synthetic":
+        from minimask.data.synthetic import synthetic_dataset  # renders ~30 s on first use
+
+        paths = synthetic_dataset()
+        return dict(train=(paths.train_ann, paths.train_images), val=(paths.val_ann, paths.val_images))
+    root = Path(spec)
+    if not root.is_dir():
+        raise ValueError(f"--data: no such dataset folder: {spec}")
+    for train, val in (("train2017", "val2017"), ("train", "val")):
+        if split_paths(root, train, keypoints)[0].is_file() or split_paths(root, val, keypoints)[0].is_file():
+            return dict(train=split_paths(root, train, keypoints), val=split_paths(root, val, keypoints))
+    kind = "person_keypoints" if keypoints else "instances"
+    raise ValueError(f"--data: {spec} holds neither annotations/{kind}_train2017.json nor {kind}_train.json "
+                     f"(nor the val files)")
+
+
 def load_image(path) -> torch.Tensor:
     """Decode `path` to a float32 (3, H, W) RGB tensor in [0, 1], H x W after EXIF orientation.
 

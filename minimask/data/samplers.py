@@ -182,6 +182,22 @@ def subset_indices(num_images: int, n: int, seed: int) -> list[int]:
     return sorted(torch.randperm(num_images, generator=generator)[:n].tolist())
 
 
+class IndexSubset(Dataset):
+    """`dataset` restricted to `indices` (keeps `image_hw`, which the aspect-ratio grouping reads)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+    def image_hw(self, i):
+        return self.dataset.image_hw(self.indices[i])
+
+
 def shard_indices(size: int, rank: int, world_size: int) -> range:
     """Contiguous shard of range(size) for `rank`: the first size % world_size ranks get one extra index (D2
     `InferenceSampler`). Every index appears exactly once over all ranks; no padding duplicates."""
