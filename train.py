@@ -17,11 +17,8 @@ exit with code 0. Bad input -> a one-line error and exit code 2; a non-finite lo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +27,7 @@ import torch
 
 import minimask
 from minimask.checkpoint import (checkpoint_name, list_checkpoints, load_latest, prune_checkpoints, rng_state,
-                                 save_checkpoint, set_rng_state)
+                                 save_checkpoint, set_rng_state, stream_changes)
 from minimask.config import PRESETS, apply_override, to_dict
 from minimask.data import (CocoDetection, IndexSubset, build_test_loader, build_train_loader, build_transforms,
                            subset_indices)
@@ -40,6 +37,7 @@ from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, br
                                   reduce_dict_mean)
 from minimask.norm import recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
+from minimask.runtime import StopRequest, autocast_context, code_version, to_device
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
 from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
 from minimask.weights import load_initial_weights
@@ -176,16 +174,6 @@ def check_output_dir(path: Path) -> None:
         raise UsageError(f"--output: cannot write to {path} ({e.strerror or e})") from None
 
 
-def code_version() -> str:
-    """`git describe --always --dirty` of this file's repository, or "unknown"."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
 # ---- entry point -------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,38 +212,6 @@ def prepare(args) -> dict:
                                                "category_names": list(full_train.category_names)})
 
 
-class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current iteration and exits cleanly."""
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal handlers only install there
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """(context factory, GradScaler or None): bf16 autocast where the device supports it, else fp16 + scaling."""
-    if not enabled:
-        return contextlib.nullcontext, None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
-
-
 def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bool, label_map: dict) -> int:
     """The training loop (see the module docstring); returns the exit code."""
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
@@ -286,7 +242,10 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
                 scaler.load_state_dict(saved["scaler"])
             iteration = int(saved["iteration"])
             print(f"resumed from {path} at iteration {iteration}")
-            warn_if_stream_changed(saved, config_dict, world_size)
+            changed = stream_changes(saved, config_dict, world_size)
+            if changed:
+                print(f"warning: resuming with a changed setup ({'; '.join(changed)}): the run will not repeat an "
+                      f"uninterrupted one exactly")
     if world_size > 1:
         # Every process must resume from the same iteration, or they would wait on each other forever. Each one
         # reads --output itself, so it must be on a filesystem that every node sees.
@@ -429,13 +388,6 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
     return 0
 
 
-def to_device(images: list, targets: list[dict], device: torch.device) -> tuple[list, list[dict]]:
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return images, targets
-
-
 def bn_statistics(model) -> dict:
     """Copies of the BatchNorm running statistics (what precise BN changes), to put back after an evaluation."""
     return {name: buf.clone() for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1].startswith("running_")}
@@ -459,24 +411,6 @@ def teardown(world_size: int) -> None:
     if world_size > 1:
         barrier()
         torch.distributed.destroy_process_group()
-
-
-def warn_if_stream_changed(saved: dict, config: dict, world_size: int) -> None:
-    """Exact resumption needs the same sample stream (seed, data, batch size, world size): say what changed."""
-    old = saved.get("config", {})
-    fields = [("seed",), ("data", "train"), ("data", "train_subset"), ("solver", "batch_size"), ("solver", "max_iter")]
-    changed = []
-    for keys in fields:
-        a, b = old, config
-        for k in keys:
-            a, b = a.get(k) if isinstance(a, dict) else None, b.get(k)
-        if a != b:
-            changed.append(f"{'.'.join(keys)} {a!r} -> {b!r}")
-    if saved.get("world_size", world_size) != world_size:
-        changed.append(f"world size {saved['world_size']} -> {world_size}")
-    if changed:
-        print(f"warning: resuming with a changed setup ({'; '.join(changed)}): the run will not repeat an "
-              f"uninterrupted one exactly")
 
 
 # ---- evaluation, metrics, plots ----------------------------------------------------------------------------------

@@ -256,3 +256,20 @@ def set_rng_state(state: dict) -> None:
     has_next, next_value = state["python_gauss_next"].tolist()
     internal = tuple(int(v) for v in state["python_internal"].tolist())
     random.setstate((int(state["python_version"]), internal, next_value if has_next else None))
+
+
+def stream_changes(saved: dict, config: dict, world_size: int) -> list[str]:
+    """What differs between a checkpoint's run and the resuming one in what fixes the sample stream (seed, data,
+    batch size, schedule length, world size): exact resumption needs none, so the trainer warns about each."""
+    old = saved.get("config", {})
+    fields = [("seed",), ("data", "train"), ("data", "train_subset"), ("solver", "batch_size"), ("solver", "max_iter")]
+    changed = []
+    for keys in fields:
+        a, b = old, config
+        for k in keys:
+            a, b = a.get(k) if isinstance(a, dict) else None, b.get(k)
+        if a != b:
+            changed.append(f"{'.'.join(keys)} {a!r} -> {b!r}")
+    if saved.get("world_size", world_size) != world_size:
+        changed.append(f"world size {saved['world_size']} -> {world_size}")
+    return changed

@@ -278,3 +278,15 @@ def test_saved_file_has_default_permissions(tmp_path):
         assert os.stat(path).st_mode & 0o777 == 0o644  # as open(); not mkstemp's 0600
     finally:
         os.umask(umask)
+
+
+def test_stream_changes_names_each_field_that_breaks_exact_resumption():
+    from minimask.checkpoint import stream_changes
+
+    config = {"seed": 0, "data": {"train": "synthetic", "train_subset": 0}, "solver": {"batch_size": 16,
+                                                                                         "max_iter": 90000}}
+    saved = {"config": config, "world_size": 8}
+    assert stream_changes(saved, config, world_size=8) == []
+    resumed = {**config, "seed": 1, "solver": {"batch_size": 32, "max_iter": 90000}}
+    assert stream_changes(saved, resumed, world_size=4) == ["seed 0 -> 1", "solver.batch_size 16 -> 32",
+                                                            "world size 8 -> 4"]

@@ -1,0 +1,59 @@
+"""Plumbing a long training run needs around its loop (train.py): preemption signals, mixed precision, moving a
+batch to the device, and the code version stamped into every checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current iteration and exits cleanly."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers only install there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """(context factory, GradScaler or None): bf16 autocast where the device supports it, else fp16 + scaling."""
+    if not enabled:
+        return contextlib.nullcontext, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+def to_device(images: list, targets: list[dict], device: torch.device) -> tuple[list, list[dict]]:
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def code_version() -> str:
+    """`git describe --always --dirty` of the repository minimask lives in, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
