@@ -140,7 +140,9 @@ def build_optimizer(
     `weight_decay`. Every parameter with requires_grad=True appears exactly once (shared parameters are
     deduplicated); frozen parameters (requires_grad=False, e.g. a frozen stem) are left out. The order within a
     group follows `model.named_modules()`, so it is deterministic and optimizer state dicts can be resumed.
-    The trainer sets `group["lr"] = lr_at(...)` for every group each iteration.
+    The trainer sets `group["lr"] = lr_at(...)` for every group each iteration. Build it after moving the model to
+    its device: it uses torch's fused SGD kernel where the parameters' device has one (the same update, several
+    times faster than the per-parameter loop on a CPU), else the default implementation.
     Raises ValueError when the model has no trainable parameter or for negative hyper-parameters.
     """
     if not lr >= 0 or not momentum >= 0 or not weight_decay >= 0 or not weight_decay_norm >= 0:
@@ -164,7 +166,10 @@ def build_optimizer(
         groups.append({"params": other_params, "weight_decay": weight_decay})
     if not groups:
         raise ValueError("build_optimizer: the model has no parameter with requires_grad=True")
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    try:
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
