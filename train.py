@@ -40,7 +40,8 @@ from minimask.evaluation import evaluate_coco, gather_results, inference
 from minimask.runtime import StopRequest, autocast_context, code_version, to_device
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
 from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
-from minimask.weights import load_initial_weights
+from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable,
+                              imagenet_conventions, load_initial_weights, read_weights)
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
@@ -191,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args) -> dict:
     """Everything that depends on the user's input, validated before training starts."""
     cfg, keys = resolve_config(args)
+    weights = None
+    if args.init == "imagenet":  # the weights fix the pixel convention and stride placement (spec Sec. 1.5)
+        state, fmt = weights = read_weights(args.weights)
+        for change in apply_imagenet_conventions(cfg, imagenet_conventions(fmt, state), keys):
+            print(f"--init imagenet: {change}")
+    check_init_config(cfg, args.init)  # e.g. FrozenBN or frozen stages under random init
     splits = resolve_splits(cfg)
     output = Path(args.output or f"output/{args.config}")
     check_output_dir(output)
@@ -206,7 +213,9 @@ def prepare(args) -> dict:
     model = minimask.build_model(cfg)
     model.category_ids.copy_(torch.tensor(full_train.category_ids, dtype=torch.int64))
     if args.init != "random":
-        load_initial_weights(model, args.init, args.weights)
+        load_initial_weights(model, args.init, args.weights, weights=weights)
+    if dist_info.rank == 0:
+        print(describe_trainable(model))
     return dict(cfg=cfg, model=model, train_set=train_set, val_set=val_set, output=output, dist_info=dist_info,
                 resume=args.resume, label_map={"category_ids": list(full_train.category_ids),
                                                "category_names": list(full_train.category_names)})

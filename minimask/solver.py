@@ -67,8 +67,8 @@ def _check_schedule(base_lr, max_iter, steps, gamma, warmup_iters, warmup_factor
     steps = tuple(steps)
     if not all(_is_int(s) for s in steps):
         raise ValueError(f"lr_at: steps must be ints, got {steps!r}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"lr_at: steps must be strictly increasing, got {steps!r}")
+    if any(b < a for a, b in zip(steps, steps[1:])):  # equal steps drop twice there (a run of 1 to 2 iterations)
+        raise ValueError(f"lr_at: steps must be non-decreasing, got {steps!r}")
     if steps and (steps[0] < 1 or steps[-1] > max_iter):
         raise ValueError(f"lr_at: steps must lie in [1, max_iter={max_iter}], got {steps!r}")
     if not 0 < gamma <= 1:
@@ -97,7 +97,7 @@ def lr_at(
     w(0) = warmup_factor and w -> 1 at t = W). W = min(warmup_iters, max_iter // 10): warm-up never takes more than
     a tenth of a short debugging schedule. Iterations past max_iter keep the final LR.
 
-    Raises ValueError for iteration < 0, max_iter < 1, steps not strictly increasing or outside [1, max_iter],
+    Raises ValueError for iteration < 0, max_iter < 1, steps decreasing or outside [1, max_iter],
     gamma outside (0, 1], warmup_iters < 0, warmup_factor outside (0, 1], base_lr < 0.
     """
     _check_schedule(base_lr, max_iter, steps, gamma, warmup_iters, warmup_factor)

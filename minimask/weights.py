@@ -1,39 +1,529 @@
-"""Initial weights for training: a backbone from ImageNet classification (`--init imagenet`) or a whole detector
-(`--init checkpoint`), read with `torch.load(weights_only=True)` so that a crafted file cannot run code.
+"""Initial weights for training: random init checks, ImageNet backbones in every common format, safe loading.
 
-Errors are ValueErrors whose message names the file and what is wrong with it (train.py turns them into a one-line
-error and exit code 2).
+The paper ("Rethinking ImageNet Pre-training", He/Girshick/Dollar 2019, Sec. 3-4) compares training from random
+init with fine-tuning from ImageNet classification. Both must be set up right (spec sections 1.2-1.5, 10):
+
+- `--init random`: every layer keeps the init of detectron2 (each module's constructor; checked in
+  tests/test_build.py); nothing may be frozen and no FrozenBN may be used (`check_init_config`).
+- `--init imagenet`: a backbone from a torchvision .pth, a Detectron / detectron2 Caffe2 pickle (MSRA `R-50.pkl`,
+  FAIR `R-50-GN.pkl`, `X-101-32x8d.pkl`, ...) or minimask's own ResNet state dict. `read_weights` detects the
+  format, `imagenet_conventions` says which pixel convention, stride placement and norm the weights were trained
+  with, `apply_imagenet_conventions` puts those into the config before `build_model` (refusing where the user
+  pinned something else), and `load_imagenet_backbone` renames and loads strictly.
+- `--init checkpoint`: a whole minimask detector, strict.
+
+Safety: .pth files go through `torch.load(weights_only=True)`; pickles through `_RestrictedUnpickler`, which
+admits numpy arrays and plain containers only, so a crafted file cannot run code. Every error is a ValueError
+naming the file and the problem (train.py turns it into a one-line error and exit code 2).
 """
 from __future__ import annotations
 
+import collections
+import io
+import pickle
+import re
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
+
+from minimask.checkpoint import CheckpointError, load_checkpoint
+from minimask.norm import FrozenBatchNorm2d
+from minimask.resnet import rename_torchvision_keys
+
+FORMATS = ("torchvision", "caffe2", "minimask")
+_BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weights with running statistics
+_PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
+_D2_MEAN = (103.530, 116.280, 123.675)  # BGR 0-255; D2 config/defaults.py PIXEL_MEAN (spec 1.5)
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a pre-1.6 (non-zip) torch.save file
 
 
-def load_initial_weights(model, init: str, path: str) -> None:
-    """--init imagenet: a backbone state dict, strict=False with the differences reported; --init checkpoint: a
-    whole model (state dict or {"model": ...}), strict. Both with weights_only loading."""
+# ---- safe reading --------------------------------------------------------------------------------------------------
+
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as Python-3 protocol-2 pickles use it for bytes: only the latin-1 str -> bytes case."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError("only _codecs.encode(str, 'latin1') is allowed")
+    return text.encode("latin1")
+
+
+# The callables numpy's own pickles name, looked up from numpy itself (numpy 1 calls the module numpy.core,
+# numpy 2 numpy._core; both spellings occur in files, and the modules need not be imported to resolve them).
+_NP_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_NP_SCALAR = np.float32(0).__reduce__()[0]
+_NP_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 pickles of arrays
+_ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict, ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+for _core in ("numpy.core", "numpy._core"):
+    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _NP_RECONSTRUCT
+    _ALLOWED[(f"{_core}.multiarray", "scalar")] = _NP_SCALAR
+    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = _NP_FROMBUFFER
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only numpy array / dtype / scalar constructors and OrderedDict: every other global
+    (os.system, builtins.eval, torch internals, ...) raises ValueError before it can be called."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="latin1")  # Detectron pickles are Python-2 pickles of numpy arrays
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise ValueError(f"refusing to load {self._path}: it asks to run {module}.{name}") from None
+
+
+def _unpickle(path: str):
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), path).load()
+    except ValueError:
+        raise
+    except Exception as e:  # EOFError, UnpicklingError, ... : truncated or not a pickle
+        raise ValueError(f"cannot read {path}: it is truncated or not a weights file ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+
+
+def _load_pth(path: str):
+    try:
+        return load_checkpoint(path)  # torch.load(weights_only=True) with CRC check and clear errors
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a weights file safely and return (state, fmt).
+
+    .pth / zip files: `torch.load(weights_only=True)`; anything else: the restricted unpickler (latin-1, for
+    Python-2 Detectron pickles). Wrappers {"model": ...}, {"blobs": ...}, {"state_dict": ...} are unwrapped, a
+    "module." prefix (DistributedDataParallel) is stripped, numpy arrays become tensors, and entries that are not
+    arrays ("__author__", "matching_heuristics", ...) and Caffe2 "_momentum" blobs are dropped. fmt is one of
+    FORMATS: "torchvision" (bnK names), "caffe2" (res2_0_branch2a_w names), "minimask" (normK names).
+    Raises ValueError (naming the file) for a missing, truncated, refused or unrecognised file.
+    """
+    path = str(path)
     if not Path(path).is_file():
         raise ValueError(f"--weights: no such file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a weights-only checkpoint"
-        raise ValueError(f"--weights: cannot load {path} as a weights-only checkpoint ({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights: {path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        if init == "imagenet":
-            state = {k.removeprefix("backbone."): v for k, v in state.items()}
-            missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-            print(f"ImageNet init from {path}: {len(missing)} missing keys {missing[:5]}, "
-                  f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    obj = _load_pth(path) if zipfile.is_zipfile(path) else _unpickle(path)
+    if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
+        obj = _load_pth(path)  # an old torch.save file: its first pickle is only a magic number
+    for wrapper in ("model", "blobs", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or key.endswith("_momentum"):
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            state[key] = torch.from_numpy(np.array(value))  # copy: the unpickled buffer may be read-only
+        elif isinstance(value, torch.Tensor):
+            state[key] = value
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not state:
+        raise ValueError(f"{path} holds no weight arrays")
+    return state, _detect_format(path, state)
+
+
+def _detect_format(path: str, state: dict) -> str:
+    keys = list(state)
+    if any(re.match(r"(res\d+_\d+_branch|res_conv1_bn_|conv1_gn_|conv1_w$)", k) for k in keys):
+        return "caffe2"
+    if any(re.search(r"(^|\.)bn\d\.", k) for k in keys):
+        return "torchvision"
+    if any(re.search(r"(^|\.)(norm\d|conv\d|layer\d)\.", k) or k.startswith("backbone.") for k in keys):
+        return "minimask"
+    if any(k.startswith(("stem.", "backbone.bottom_up.")) or re.match(r"res\d\.\d+\.", k) for k in keys):
+        raise ValueError(f"{path} has detectron2 names (stem.conv1, res2.0.conv1, ...): not supported; use the "
+                         f"original torchvision .pth or Caffe2 .pkl file")
+    raise ValueError(f"{path}: unrecognised weight names (e.g. {keys[:3]}); expected a torchvision, Detectron "
+                     f"(Caffe2) or minimask ResNet")
+
+
+# ---- Caffe2 (Detectron / detectron2 ImageNet pickles) -> minimask names --------------------------------------------
+# Facts from detectron2 `checkpoint/c2_model_loading.py` (convert_basic_c2_names) and Detectron.pytorch's weight
+# mappings: stem `conv1_w` + `res_conv1_bn_{s,b}` (BN files) or `conv1_gn_{s,b}` (GN files); blocks
+# `res{S}_{i}_branch2{a,b,c}_w` + `_bn_{s,b}` / `_gn_{s,b}` (and `_bn_rm` / `_bn_riv` where statistics are kept),
+# shortcut `res{S}_{i}_branch1_*`; classifier `pred_{w,b}` (GN files) or `fc1000_{w,b}` (MSRA); MSRA files also
+# carry a stem `conv1_b` that Detectron and detectron2 leave unused.
+
+_C2_LEAF = {"w": "weight", "b": "bias", "s": "weight", "rm": "running_mean", "riv": "running_var"}
+
+
+def _caffe2_to_minimask(name: str) -> str:
+    m = re.fullmatch(r"res(\d+)_(\d+)_branch(2[abc]|1)_(?:(bn|gn)_)?(w|b|s|rm|riv)", name)
+    if m:
+        stage, block, branch, norm, leaf = m.groups()
+        prefix = f"layer{int(stage) - 1}.{block}."
+        if branch == "1":
+            module = "downsample.1" if norm else "downsample.0"
         else:
+            module = ("norm" if norm else "conv") + "123"["abc".index(branch[1])]
+        return prefix + module + "." + _C2_LEAF[leaf]
+    m = re.fullmatch(r"(?:res_conv1_bn|conv1_gn)_(s|b|rm|riv)", name)
+    if m:
+        return "norm1." + _C2_LEAF[m.group(1)]
+    m = re.fullmatch(r"(conv1|pred|fc1000)_(w|b)", name)
+    if m:
+        return ("conv1." if m.group(1) == "conv1" else "fc.") + _C2_LEAF[m.group(2)]
+    return name  # not a backbone name: reported as unexpected
+
+
+def _caffe2_norm(state: dict) -> str:
+    """"GN" (FAIR GN models), "FrozenBN" (affine-only BN) or "BN" (BN with statistics) for a Caffe2 state."""
+    if any("_gn_" in k for k in state):
+        return "GN"
+    return "BN" if any(k.endswith("_bn_rm") for k in state) else "FrozenBN"
+
+
+# ---- conventions --------------------------------------------------------------------------------------------------
+
+def _architecture(state: dict) -> tuple[str, int, int, bool]:
+    """(description, groups, depth, bottleneck) of a minimask-named ResNet state, for messages and conventions."""
+    blocks = [0, 0, 0, 0]
+    for k in state:
+        m = re.match(r"layer([1-4])\.(\d+)\.", k)
+        if m:
+            blocks[int(m.group(1)) - 1] = max(blocks[int(m.group(1)) - 1], int(m.group(2)) + 1)
+    bottleneck = any(re.search(r"\.conv3\.weight$", k) for k in state)
+    depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50 if bottleneck else 34, (3, 4, 23, 3): 101,
+             (3, 8, 36, 3): 152}.get(tuple(blocks), 0)
+    groups, name = 1, f"ResNet-{depth}" if depth else f"ResNet with blocks per stage {blocks}"
+    w = state.get("layer1.0.conv2.weight")
+    if bottleneck and w is not None and len(w.shape) == 4 and w.shape[1] > 0 and w.shape[0] != w.shape[1]:
+        groups = w.shape[0] // w.shape[1]
+        name = f"ResNeXt-{depth} {groups}x{w.shape[0] // groups}d"
+    return name, groups, depth, bottleneck
+
+
+def imagenet_conventions(fmt: str, state: dict) -> dict:
+    """The config values the weights were trained with, as {"dotted.key": value} (spec section 1.5).
+
+    Keys: "model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std" (absent for "minimask":
+    a bare state dict does not say), "model.backbone.stride_in_1x1", and "model.backbone.norm", whose value is a
+    TUPLE of the norms that can hold these weights, the first being the one to use when the config's is not
+    among them. `state` is the file's state as `read_weights` returns it.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
+    renamed = _rename(state, fmt)
+    _, groups, depth, bottleneck = _architecture(renamed)
+    if fmt == "torchvision":
+        # TV models/detection/faster_rcnn.py: RGB in [0, 1], ImageNet mean/std; TV ResNet "v1.5" strides the 3x3.
+        return {"model.input_format": "RGB", "model.pixel_scale": 1.0, "model.pixel_mean": (0.485, 0.456, 0.406),
+                "model.pixel_std": (0.229, 0.224, 0.225), "model.backbone.stride_in_1x1": False,
+                "model.backbone.norm": _BN_NORMS}
+    if fmt == "minimask":
+        if any(re.search(r"norm1\.running_mean$", k) for k in renamed):
+            norms = _BN_NORMS
+        else:
+            norms = ("GN",) if "norm1.weight" in renamed else ("",)
+        return {"model.backbone.norm": norms}
+    norm = _caffe2_norm(state)
+    out = {"model.input_format": "BGR", "model.pixel_scale": 255.0, "model.pixel_mean": _D2_MEAN,
+           "model.pixel_std": (1.0, 1.0, 1.0), "model.backbone.stride_in_1x1": False,
+           "model.backbone.norm": ("GN",) if norm == "GN" else ("FrozenBN",) if norm == "FrozenBN" else _BN_NORMS}
+    if norm == "GN":
+        # FAIR R-50-GN / R-101-GN: D2 configs/Misc/mask_rcnn_R_50_FPN_3x_gn.yaml sets STRIDE_IN_1X1: False and
+        # leaves PIXEL_STD at the default [1, 1, 1] (BGR, D2 mean).
+        return out
+    if groups > 1:
+        # FAIR ResNeXt: D2 COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml sets PIXEL_STD
+        # [57.375, 57.120, 58.395] and STRIDE_IN_1X1: False ("this is a C2 model"). The X-152-32x8d-IN5k config
+        # (D2 configs/Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml) keeps the default std 1.
+        if depth != 152:
+            out["model.pixel_std"] = (57.375, 57.120, 58.395)
+        return out
+    # MSRA ResNets (R-50.pkl, R-101.pkl): D2 defaults STRIDE_IN_1X1 True, std 1 (spec 1.1 / 1.5).
+    out["model.backbone.stride_in_1x1"] = bottleneck  # BasicBlocks have no 1x1 conv
+    return out
+
+
+def _pixel_transform(fmt: str, scale: float, mean, std) -> list[tuple[int, float, float]]:
+    """For each model input channel: (source RGB channel, gain, offset) of x_rgb in [0, 1] -> normalised value."""
+    source = [2, 1, 0] if fmt == "BGR" else [0, 1, 2]
+    return [(source[j], scale / std[j], mean[j] / std[j]) for j in range(3)]
+
+
+def _same_transform(a, b) -> bool:
+    return all(sa == sb and abs(ga - gb) <= 1e-3 * abs(gb) and abs(oa - ob) <= 1e-3 * max(abs(ob), 1.0)
+               for (sa, ga, oa), (sb, gb, ob) in zip(a, b))
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _set(cfg, key: str, value) -> None:
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+
+
+def apply_imagenet_conventions(cfg, overrides: dict, pinned_keys: set[str]) -> list[str]:
+    """Put the weights' conventions (`imagenet_conventions`) into `cfg` in place, before `build_model`.
+
+    Keys the user did not pin are set. A pinned key that disagrees is refused with a ValueError naming it; pinned
+    pixel keys are judged by the transform they produce together (RGB in [0, 1] x 255 - 123.675 over 58.395 is the
+    same as x - 0.485 over 0.229). A pinned norm is accepted when it is one of the norms that can hold the weights.
+    Returns one "key: old -> new" line per changed value.
+    """
+    changes = []
+    for key, value in overrides.items():
+        if key == "model.backbone.norm":
+            current = _get(cfg, key)
+            if current in value:
+                continue
+            if key in pinned_keys:
+                raise ValueError(f"--init imagenet with {key}={current!r}: these weights hold "
+                                 f"{'GroupNorm' if value[0] == 'GN' else 'BatchNorm'} layers and need "
+                                 f"{' or '.join(v or repr(v) for v in value)} there")
+            _set(cfg, key, value[0])
+            changes.append(f"{key}: {current!r} -> {value[0]!r}")
+        elif key not in _PIXEL_KEYS and _get(cfg, key) != value:
+            if key in pinned_keys:
+                raise ValueError(f"--init imagenet with {key}={_get(cfg, key)!r}: these weights were trained with "
+                                 f"{key}={value!r}")
+            changes.append(f"{key}: {_get(cfg, key)!r} -> {value!r}")
+            _set(cfg, key, value)
+    if not any(k in overrides for k in _PIXEL_KEYS):
+        return changes
+    wanted = _pixel_transform(*(overrides[k] for k in _PIXEL_KEYS))
+    for key in _PIXEL_KEYS:
+        if key not in pinned_keys and _get(cfg, key) != overrides[key]:
+            changes.append(f"{key}: {_get(cfg, key)!r} -> {overrides[key]!r}")
+            _set(cfg, key, overrides[key])
+    if not _same_transform(_pixel_transform(*(_get(cfg, k) for k in _PIXEL_KEYS)), wanted):
+        pinned = [f"{k}={_get(cfg, k)!r}" for k in _PIXEL_KEYS if k in pinned_keys]
+        raise ValueError(f"--init imagenet with {', '.join(pinned)}: these weights expect input_format="
+                         f"{overrides['model.input_format']}, pixel_scale={overrides['model.pixel_scale']}, "
+                         f"pixel_mean={overrides['model.pixel_mean']}, pixel_std={overrides['model.pixel_std']}")
+    return changes
+
+
+# ---- loading into the backbone --------------------------------------------------------------------------------------
+
+def _rename(state: dict, fmt: str) -> dict:
+    if fmt == "torchvision":
+        return rename_torchvision_keys(state)
+    if fmt == "caffe2":
+        return {_caffe2_to_minimask(k): v for k, v in state.items()}
+    return dict(state)
+
+
+def _is_detection(keys) -> bool:
+    return any(re.search(r"(^|[._])(fpn|rpn|roi_heads|proposal_generator|cls_score|bbox_pred|mask_fcn|fc6|"
+                         r"kps_score)([._]|$)", k) for k in keys)
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load_imagenet_backbone(backbone: nn.Module, state: dict, fmt: str, *, strict: bool = True) -> str:
+    """Load ImageNet weights (`read_weights` output) into a minimask `ResNet`; return a multi-line report.
+
+    Names are converted to minimask's (torchvision `bnK` -> `normK`; Caffe2 names per the table above). Caffe2
+    affine-only BN (`_bn_s`, `_bn_b`) becomes FrozenBN weight/bias with running_mean 0 and running_var 1 - eps, so
+    that the layer computes exactly x * s + b; MSRA's stem `conv1_b` is folded into that shift. The ImageNet
+    classifier (fc / pred / fc1000) is dropped unless the backbone has an `fc`. Every shape is checked. With
+    strict=True, any missing, unexpected or mismatched key raises ValueError listing them (and naming the likely
+    cause: another depth, a detection checkpoint, the wrong norm); with strict=False the matching tensors load and
+    the rest is reported.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
+    notes = []
+    if _is_detection(state):
+        raise ValueError("these are the weights of a detector (they have FPN / RPN / RoI-head layers), not of an "
+                         "ImageNet classifier: use --init checkpoint for a minimask detector")
+    renamed = _rename(state, fmt)
+    if fmt == "minimask" and all(k.startswith("backbone.") for k in renamed):
+        renamed = {k.removeprefix("backbone."): v for k, v in renamed.items()}
+    target = backbone.state_dict()
+    modules = dict(backbone.named_modules())
+    affine_only = fmt == "caffe2" and _caffe2_norm(state) == "FrozenBN"
+    if affine_only:
+        filled = 0
+        for key in [k for k in renamed if k.endswith(".bias") and k.removesuffix(".bias") in modules]:
+            layer = modules[key.removesuffix(".bias")]
+            if isinstance(layer, FrozenBatchNorm2d):  # Caffe2 AffineChannel: y = x * s + b
+                renamed[key[:-4] + "running_mean"] = torch.zeros_like(renamed[key])
+                renamed[key[:-4] + "running_var"] = torch.full_like(renamed[key], 1.0 - layer.eps)
+                filled += 1
+            elif isinstance(layer, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                raise ValueError(f"these Caffe2 weights hold affine-only BatchNorm (no statistics); they need "
+                                 f"model.backbone.norm=FrozenBN, but {key.removesuffix('.bias')} is "
+                                 f"{type(layer).__name__}")
+        notes.append(f"{filled} affine-only Caffe2 BN layers -> FrozenBN (running_mean 0, running_var 1 - eps)")
+        if "conv1.bias" in renamed and "conv1.bias" not in target and "norm1.bias" in renamed:
+            renamed["norm1.bias"] = renamed["norm1.bias"] + renamed["norm1.weight"] * renamed.pop("conv1.bias")
+            notes.append("stem conv1_b folded into the stem FrozenBN shift (Detectron/detectron2 drop it)")
+    if "fc.weight" in renamed and "fc.weight" not in target:
+        dropped = [k for k in ("fc.weight", "fc.bias") if renamed.pop(k, None) is not None]
+        notes.append(f"dropped the ImageNet classifier ({', '.join(dropped)})")
+    for key in [k for k in renamed if k.endswith("num_batches_tracked") and k not in target]:
+        del renamed[key]  # BatchNorm's step counter: FrozenBN has no use for it
+    missing = [k for k in target if k not in renamed and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in renamed if k not in target]
+    mismatched = [f"{k} {tuple(renamed[k].shape)} vs {tuple(target[k].shape)}" for k in renamed
+                  if k in target and renamed[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        message = _mismatch_message(renamed, target, missing, unexpected, mismatched)
+        if strict:
+            raise ValueError(f"the {fmt} weights do not fit the backbone: {message}")
+        notes.append(f"strict=False, not loaded: {message}")
+    loadable = {k: v for k, v in renamed.items() if k in target and v.shape == target[k].shape}
+    merged = {**target, **{k: v.to(target[k].dtype) for k, v in loadable.items()}}
+    backbone.load_state_dict(merged, strict=True)
+    return "\n".join([f"loaded {len(loadable)} of {len(target)} backbone tensors from {fmt} ImageNet weights "
+                      f"({_architecture(renamed)[0]})"] + [f"  {n}" for n in notes])
+
+
+def _blocks(state: dict) -> set[tuple[int, int]]:
+    return {(int(m[1]), int(m[2])) for m in (re.match(r"layer(\d)\.(\d+)\.", k) for k in state) if m}
+
+
+def _mismatch_message(renamed, target, missing, unexpected, mismatched) -> str:
+    parts = []
+    have, want = _architecture(renamed)[0], _architecture(target)[0]
+    if have != want:
+        parts.append(f"the file holds a {have}, the config builds a {want} (set model.backbone.depth / groups / "
+                     f"width_per_group to match)")
+    norm_keys = [k for k in missing + unexpected if re.search(r"(norm\d|downsample\.1)\.", k)]
+    if norm_keys and len(norm_keys) == len(missing + unexpected):
+        parts.append("only norm-layer entries differ: model.backbone.norm does not match the norm the weights "
+                     "were trained with")
+    have_blocks, want_blocks = _blocks(renamed), _blocks(target)
+    for title, blocks in (("missing", want_blocks - have_blocks), ("extra", have_blocks - want_blocks)):
+        if blocks:  # in Detectron's stage names: layer3.6 = res4.6
+            parts.append(f"{title} blocks {_short([f'res{s + 1}.{i}' for s, i in sorted(blocks)], 6)}")
+    for title, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if names:
+            parts.append(f"{len(names)} {title}: {_short(names)}")
+    return "; ".join(parts)
+
+
+# ---- random init checks and the trainer's summary ------------------------------------------------------------------
+
+_NORM_FIELDS = ("model.backbone.norm", "model.fpn.norm", "model.box_head.norm", "model.mask_head.norm")
+
+
+def check_init_config(cfg, init: str) -> None:
+    """Refuse configs that cannot train with `init` (ValueError naming the offending field).
+
+    random: FrozenBN anywhere keeps identity statistics and fixed affine parameters, i.e. no normalisation at all
+    (spec 10, pitfall 2), and `freeze_at > 0` leaves random layers untrained (pitfall 1: -3 AP in Detectron).
+    """
+    if init not in ("random", "imagenet", "checkpoint"):
+        raise ValueError(f"--init must be random, imagenet or checkpoint, got {init!r}")
+    if init != "random":
+        return
+    for key in _NORM_FIELDS:
+        if _get(cfg, key) == "FrozenBN":
+            raise ValueError(f"--init random with {key}=FrozenBN: FrozenBN keeps ImageNet statistics and never "
+                             f"updates them, so with random weights it normalises nothing; use GN or SyncBN "
+                             f"(paper Sec. 3)")
+    if cfg.model.backbone.freeze_at > 0:
+        raise ValueError(f"--init random with model.backbone.freeze_at={cfg.model.backbone.freeze_at}: frozen "
+                         f"layers would stay random; use 0 when training from scratch")
+
+
+def _frozen_prefixes(module: nn.Module, prefix: str = "") -> list[str]:
+    """Frozen parameter names, compressed: a module whose parameters are all frozen appears as `name.*`."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return [f"{prefix}* ({sum(p.numel() for p in params):,})"]
+    out = [f"{prefix}{n}" for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
+    for name, child in module.named_children():
+        out += _frozen_prefixes(child, f"{prefix}{name}.")
+    return out
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """A short multi-line summary: trainable / total parameters, frozen parameters (by prefix) and the norm
+    classes of the backbone, FPN, RPN and the box / mask / keypoint heads."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [f"parameters: {trainable:,} trainable of {total:,}"]
+    frozen = _frozen_prefixes(model)
+    lines.append(f"frozen: {', '.join(frozen) if frozen else 'nothing'}")
+    roi = getattr(model, "roi_heads", None)
+    parts = {"backbone": getattr(model, "backbone", None), "fpn": getattr(model, "fpn", None),
+             "rpn": getattr(model, "rpn", None), "box head": getattr(roi, "box_head", None),
+             "mask head": getattr(roi, "mask_head", None), "keypoint head": getattr(roi, "keypoint_head", None)}
+    norms = []
+    for name, part in parts.items():
+        if part is None:
+            norms.append(f"{name}: absent")
+            continue
+        counts = collections.Counter(type(m).__name__ for m in part.modules() if isinstance(
+            m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)))
+        norms.append(f"{name}: " + (", ".join(f"{c} x{n}" for c, n in counts.items()) or "no norm"))
+    lines.append("norms: " + "; ".join(norms))
+    return "\n".join(lines)
+
+
+# ---- the trainer's entry point -------------------------------------------------------------------------------------
+
+def _model_stride_in_1x1(backbone: nn.Module) -> bool | None:
+    block = getattr(getattr(backbone, "layer2", None), "0", None)
+    if block is None or not hasattr(block, "conv3"):
+        return None  # no bottleneck stage to tell
+    return block.conv1.stride != (1, 1)
+
+
+def load_initial_weights(model, init: str, path: str, *, strict: bool = True, weights=None) -> str:
+    """Initialise `model` from `path` for --init imagenet (backbone) or checkpoint (whole model); print and return
+    a report. `weights` may pass the (state, fmt) that `read_weights(path)` already returned.
+
+    imagenet: the model must already follow the weights' conventions (`apply_imagenet_conventions` before
+    `build_model`): a model whose pixel convention or stride placement differs is refused, then
+    `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, loaded strictly.
+    """
+    if init not in ("imagenet", "checkpoint"):
+        raise ValueError(f"load_initial_weights: --init {init!r} loads no weights")
+    state, fmt = weights if weights is not None else read_weights(path)
+    if init == "imagenet":
+        conv = imagenet_conventions(fmt, state)
+        if "model.pixel_mean" in conv:
+            have = _pixel_transform(model.input_format, model.pixel_scale, model.pixel_mean.flatten().tolist(),
+                                    model.pixel_std.flatten().tolist())
+            if not _same_transform(have, _pixel_transform(*(conv[k] for k in _PIXEL_KEYS))):
+                raise ValueError(f"--weights {path}: the model's pixel convention ({model.input_format}, scale "
+                                 f"{model.pixel_scale}) is not the one these weights were trained with; call "
+                                 f"apply_imagenet_conventions before build_model")
+        stride = _model_stride_in_1x1(model.backbone)
+        if stride is not None and stride != conv.get("model.backbone.stride_in_1x1", stride):
+            raise ValueError(f"--weights {path}: the backbone has stride_in_1x1={stride}, these weights were "
+                             f"trained with stride_in_1x1={not stride}")
+        try:
+            report = load_imagenet_backbone(model.backbone, state, fmt, strict=strict)
+        except ValueError as e:
+            raise ValueError(f"--weights {path}: {e}") from None
+        report = f"ImageNet init from {path}: {report}"
+    else:
+        if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
+            raise ValueError(f"--weights {path}: --init checkpoint needs a minimask detector checkpoint, this is "
+                             f"a {fmt} {'backbone' if fmt == 'minimask' else 'file'} (use --init imagenet)")
+        try:
             model.load_state_dict(state, strict=True)
-            print(f"initialised the whole model from {path}")
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise ValueError(f"--weights: {path} does not fit the model: {detail}") from None
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:300]
+            raise ValueError(f"--weights {path} does not fit the model: {detail}") from None
+        report = f"initialised the whole model from {path}"
+    print(report)
+    return report

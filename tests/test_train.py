@@ -155,6 +155,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_root, tmp_path, 
     (["--iters", "4", "--schedule", "1x"], ["--iters", "--schedule"]),
     (["--output", "{tmp}/file/out"], ["--output"]),
     (["--train-subset", "100"], ["subset"]),
+    (["model.backbone.norm=FrozenBN"], ["--init random", "FrozenBN"]),
+    (["--init", "imagenet", "--weights", "{tmp}/file"], ["{tmp}/file"]),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(synthetic_root, tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("not a folder")
@@ -164,7 +166,7 @@ def test_bad_input_is_one_line_and_exit_code_2(synthetic_root, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error:")
     for word in words:
-        assert word in err
+        assert word.replace("{tmp}", str(tmp_path)) in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
@@ -183,6 +185,26 @@ def test_precedence_preset_then_flags_then_overrides():
     assert cfg.solver.steps == tuple(lr_steps(90))  # steps follow an overridden max_iter
     cfg, _ = resolve(["--config", "tiny", "--schedule", "2x"])
     assert cfg.solver.max_iter == 180_000 and cfg.solver.steps == (120_000, 160_000)
+
+
+def test_imagenet_init_takes_the_weights_conventions_and_reports_what_trains(synthetic_root, tmp_path, capsys):
+    """A torchvision-format backbone: RGB / ImageNet mean-std and FrozenBN are put into the config (the preset's
+    BGR and GN are not pinned), the backbone is loaded strictly, and the trainable parameters are reported."""
+    import re
+
+    from minimask.resnet import ResNet
+
+    source = ResNet(depth=18, norm="BN").state_dict()
+    torch.save({re.sub(r"(^|\.)norm(\d)", r"\1bn\2", k): v for k, v in source.items()}, tmp_path / "r18.pth")
+    out = tmp_path / "out"
+    assert train.main(tiny_argv(synthetic_root, out, "--iters", "1", "--init", "imagenet",
+                                "--weights", str(tmp_path / "r18.pth"))) == 0
+    printed = capsys.readouterr().out
+    assert "--init imagenet: model.input_format: 'BGR' -> 'RGB'" in printed
+    assert "trainable" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["backbone"]["norm"] == "FrozenBN" and config["model"]["pixel_mean"] == [0.485, 0.456,
+                                                                                                   0.406]
 
 
 @pytest.mark.slow
