@@ -14,6 +14,7 @@ a dict with a "model" entry (loaded with weights_only=True). Bad input -> a one-
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import io
 import json
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for results_*.json and metrics.json")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: several scales + horizontal flip")
     p.add_argument("--tta-scales", type=_int_tuple, default=TTA_SCALES, help="shorter sides for --tta, e.g. 600,800")
-    p.add_argument("--tta-max-size", type=int, default=TTA_MAX_SIZE, help="longer-side cap for --tta")
+    p.add_argument("--tta-max-size", type=_positive_int, default=TTA_MAX_SIZE, help="longer-side cap for --tta")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.backbone.depth=101")
     return p
@@ -80,8 +81,31 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _check_output(path: str) -> None:
+    """Create --output and prove it writable before any time is spent on inference."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output: cannot write to {path} ({e.strerror or e})") from None
+
+
 def check_args(args) -> None:
     """Reject argument combinations that do not make sense (UsageError)."""
+    if args.output:
+        _check_output(args.output)
     model_only = {"--config": args.config, "--weights": args.weights, "--data": args.data, "--split": args.split,
                   "--images": args.images, "--tta": args.tta, "key=value overrides": args.overrides}
     if args.results:
@@ -217,7 +241,10 @@ def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
     info = init_distributed()
     if not device_arg:
         return info.rank, info.world_size, info.device
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise UsageError(f"--device: {device_arg!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device_arg}: CUDA is not available")

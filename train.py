@@ -12,12 +12,16 @@ Config precedence: the preset, then the flags, then the trailing key=value overr
 of keypoints) come from the training set unless an override pins them. The resolved config is printed and saved to
 <output>/config.json; metrics go to <output>/metrics.jsonl (one JSON object per line, "kind" train or eval) and
 plots to <output>/loss.png and <output>/ap.png. SIGTERM / SIGINT save a checkpoint after the current iteration and
-exit with code 0. Bad input -> a one-line error and exit code 2; a non-finite loss -> exit code 1.
+exit with code 0. Bad input (also an unreadable image met during training) -> a one-line error and exit code 2; a
+non-finite loss or gradient -> exit code 1 naming the iteration and the loss term or parameters; in a multi-process
+run, a process whose collective fails because another one died -> a one-line error and exit code 3 (torchrun's
+summary names the process that failed first).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,14 +41,16 @@ from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, br
                                   reduce_dict_mean)
 from minimask.norm import recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
-from minimask.runtime import StopRequest, autocast_context, code_version, to_device
+from minimask.runtime import (StopRequest, autocast_context, code_version, describe_divergence, in_collective,
+                              last_line, to_device)
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
-from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, scaled_lr
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable,
                               imagenet_conventions, load_initial_weights, read_weights)
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
+EXIT_PEER_LOST = 3
 PRECISE_BN_STREAM = 7  # precise BN draws its batches from the sample stream of base seed derive_seed(seed, 7, iter)
 
 
@@ -123,7 +129,10 @@ def resolve_config(args):
               (cfg.data.num_workers >= 0, f"--workers must be >= 0, got {cfg.data.num_workers}"),
               (s.eval_period >= 0 and s.checkpoint_period >= 0, "eval and checkpoint periods must be >= 0"),
               (s.log_period >= 1 and s.keep_checkpoints >= 0, "need solver.log_period >= 1, keep_checkpoints >= 0"),
-              (s.lr >= 0, f"the learning rate must be >= 0, got {s.lr}")]
+              (math.isfinite(s.lr) and s.lr >= 0, f"the learning rate must be finite and >= 0, got {s.lr}"),
+              (math.isfinite(s.base_lr) and s.base_lr > 0, f"solver.base_lr must be finite and > 0, got {s.base_lr}"),
+              (0 <= cfg.seed < 2**63, f"the seed must be in [0, 2^63), got {cfg.seed}"),
+              (args.output is None or args.output.strip() != "", "--output: empty path")]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
@@ -152,6 +161,12 @@ def build_datasets(cfg, keys, splits):
     val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints,
                         transforms=build_transforms(min_sizes=inp.min_size_test, max_size=inp.max_size_test,
                                                     flip=False, train=False))
+    if len(train) == 0:  # an InfiniteSampler over nothing would fail at the first batch, deep in the loop
+        st = train.stats
+        raise UsageError(f"--data: no training image left in {splits['train'][0]} after filtering: {st['images']} "
+                         f"images, {st['annotations']} annotations, of which {st['crowd']} crowd, {st['degenerate']} "
+                         f"with an empty box, {st['invalid_segmentation']} without a valid segmentation, "
+                         f"{st['no_visible_keypoints']} without visible keypoints")
     if keypoints and train.num_keypoints == 0:
         raise UsageError(f"--config predicts keypoints but {splits['train'][0]} has no keypoint annotations")
     if "model.roi_heads.num_classes" not in keys:
@@ -186,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"train.py: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    return train(**run)
+    try:
+        return train(**run)
+    except RuntimeError as e:  # gloo: "Connection closed by peer"; nccl: DistBackendError (a RuntimeError)
+        info = run["dist_info"]
+        if info.world_size == 1 or not in_collective(e):
+            raise
+        print(f"train.py: error: rank {info.rank}: a collective operation failed, most likely because another "
+              f"process died (its own error names the cause): {last_line(e)}", file=sys.stderr)
+        return EXIT_PEER_LOST
 
 
 def prepare(args) -> dict:
@@ -239,10 +262,12 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
         print(f"training {s.max_iter} iterations, global batch {s.batch_size} ({world_size} process(es), "
               f"{per_rank} per process, {device}), lr {lr:g} (steps {s.steps}), {len(train_set)} training images")
 
-    iteration, saved = 0, None
+    iteration, saved, unreadable = 0, None, 0
     if resume:
-        saved, path = load_latest(output)
-        if saved is None:
+        saved, path = load_latest(output)  # newest loadable; warns about each unreadable one it skips
+        if saved is None and list_checkpoints(output):
+            unreadable = 1  # all damaged or refused: never silently restart over them
+        elif saved is None:
             print(f"--resume: no checkpoint in {output}; starting from scratch")
         else:
             model.load_state_dict(saved["model"])
@@ -258,13 +283,19 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
     if world_size > 1:
         # Every process must resume from the same iteration, or they would wait on each other forever. Each one
         # reads --output itself, so it must be on a filesystem that every node sees.
-        bounds = torch.tensor([-iteration, iteration], device=device)
-        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)  # (-min, max) over processes
+        bounds = torch.tensor([-iteration, iteration, unreadable], device=device)
+        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)  # (-min, max, any) over processes
         if -bounds[0].item() != bounds[1].item():
             print(f"train.py: error: the processes found different checkpoints to resume from in {output} (it must "
                   f"be on a filesystem that every node shares)", file=sys.stderr)
             teardown(world_size)
             return EXIT_USAGE
+        unreadable = int(bounds[2].item())
+    if unreadable:
+        print(f"train.py: error: --resume: none of the checkpoints in {output} can be loaded (damaged, or refused "
+              f"as possibly unsafe: see the warnings above); move them away to start afresh", file=sys.stderr)
+        teardown(world_size)
+        return EXIT_USAGE
     if iteration >= s.max_iter:
         print(f"nothing to do: the run in {output} already finished {iteration} iterations")
         teardown(world_size)
@@ -281,6 +312,7 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
         set_rng_state(saved["rng"][rank % len(saved["rng"])])  # this process's own stream (see checkpoint())
 
     version = code_version()
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(name: str) -> None:
         # Every process's random state, in rank order, so that each one resumes its own stream. The gather is a
@@ -309,7 +341,15 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
     with StopRequest() as stop:
         while iteration < s.max_iter:
             t0 = time.perf_counter()
-            images, targets = next(batches)
+            try:
+                images, targets = next(batches)
+            except (OSError, ValueError) as e:  # a missing or corrupt image, a size that disagrees with the JSON
+                # No teardown: the other processes wait in a collective; this one exiting ends their wait.
+                bar.close()
+                where = f" on rank {rank}" if world_size > 1 else ""
+                print(f"train.py: error: loading the data for iteration {iteration + 1}{where} failed: "
+                      f"{last_line(e)}", file=sys.stderr)
+                return EXIT_USAGE
             data_time += time.perf_counter() - t0
             images, targets = to_device(images, targets, device)
             for group in optimizer.param_groups:
@@ -318,29 +358,30 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
             with autocast():
                 loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
-            # One sync per iteration (detectron2 checks every iteration too). Every process must take the same
-            # decision, or the others would wait forever in the next all-reduce: the flags are summed over ranks.
-            flags = torch.stack([~torch.isfinite(losses.detach()), torch.tensor(bool(stop.signal_name),
-                                                                                 device=losses.device)]).float()
-            if world_size > 1:
-                flags = all_reduce_sum(flags)
-            diverged, stopping = (bool(f) for f in flags.tolist())
-            if diverged:
-                bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
-                where = ", ".join(f"{k} = {loss_dict[k].item()}" for k in bad) if bad else "on another process"
-                print(f"train.py: error: non-finite loss at iteration {iteration + 1}: {where}; stopping (the last "
-                      f"checkpoint in {output} is kept)", file=sys.stderr)
-                bar.close()
-                teardown(world_size)
-                return EXIT_DIVERGED
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(losses) if scaler is not None else losses).backward()
             if all_reduce is not None:
                 all_reduce.finish()  # waits for the bucketed all-reduces and averages over processes
             if scaler is not None:
                 scaler.unscale_(optimizer)
+            # One sync per iteration (detectron2 checks every iteration too), before the step: a non-finite loss, a
+            # non-finite gradient (a NaN / Inf anywhere makes the global norm non-finite; fp16 GradScaler skips
+            # such steps itself) and a stop request. Every process must take the same decision,
+            # or the others would wait forever in the next all-reduce: the flags are summed over ranks.
+            norm = grad_norm(params) if scaler is None else losses.new_zeros(())  # () also used for clipping
+            flags = torch.stack([~torch.isfinite(losses.detach()), ~torch.isfinite(norm).to(losses.device),
+                                 torch.tensor(bool(stop.signal_name), device=losses.device)]).float()
+            if world_size > 1:
+                flags = all_reduce_sum(flags)
+            bad_loss, bad_grad, stopping = (bool(f) for f in flags.tolist())
+            if bad_loss or bad_grad:
+                bar.close()  # first: the message on a line of its own
+                print(f"train.py: error: {describe_divergence(model, loss_dict, bad_loss, iteration + 1)}; stopping (the "
+                      f"last checkpoint in {output} is kept)", file=sys.stderr)
+                teardown(world_size)
+                return EXIT_DIVERGED
             if s.clip_grad_norm > 0:
-                clip_grad_norm([p for p in model.parameters() if p.grad is not None], s.clip_grad_norm)
+                clip_grad_norm(params, s.clip_grad_norm, total=norm if scaler is None else None)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

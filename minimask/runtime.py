@@ -1,5 +1,6 @@
 """Plumbing a long training run needs around its loop (train.py): preemption signals, mixed precision, moving a
-batch to the device, and the code version stamped into every checkpoint.
+batch to the device, the code version stamped into every checkpoint, and the wording of fatal errors (a failed
+collective, a non-finite loss or gradient).
 """
 from __future__ import annotations
 
@@ -57,3 +58,32 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def in_collective(error: BaseException) -> bool:
+    """Whether `error` was raised in torch.distributed or in minimask/distributed.py (collectives only)."""
+    tb, files = error.__traceback__, []
+    while tb is not None:
+        files.append(Path(tb.tb_frame.f_code.co_filename).as_posix())
+        tb = tb.tb_next
+    return any("torch/distributed/" in f or f.endswith("minimask/distributed.py") for f in files)
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (a DataLoader worker's error carries the worker's traceback first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def describe_divergence(model, loss_dict: dict, bad_loss: bool, iteration: int) -> str:
+    """What is non-finite at `iteration`: the loss terms, else the parameters whose gradient is (a rare path:
+    these checks sync freely)."""
+    if bad_loss:
+        bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+        where = ", ".join(f"{k} = {loss_dict[k].item()}" for k in bad) if bad else "on another process"
+        return f"non-finite loss at iteration {iteration}: {where}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if not bad:
+        return f"non-finite gradient norm at iteration {iteration} (every gradient is finite; their norm overflows)"
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"non-finite gradient at iteration {iteration} in {len(bad)} parameter(s): {', '.join(bad[:5])}{more}"

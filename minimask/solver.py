@@ -172,22 +172,29 @@ def build_optimizer(
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale gradients in place so that their global L2 norm is at most `max_norm`; returns the norm before clipping.
-
-    The norm is over all `.grad` of `params` together (parameters without a gradient are skipped), computed in
-    fp32 (at least); returns a 0-dim tensor (0. when there is no gradient) on the gradients' device. No host sync:
-    the scale min(1, max_norm / (norm + 1e-6)) is applied as a tensor. Raises ValueError for max_norm <= 0.
-    """
-    if not max_norm > 0:
-        raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
+def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the `.grad` of `params` together (those without a gradient are skipped), in fp32 (at
+    least), as a 0-dim tensor on the gradients' device (0. when there is none); non-finite when any gradient is.
+    No host sync."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     device = grads[0].device
     per_tensor = torch.stack([g.detach().float().norm(2).to(device) for g in grads])  # (P,)
-    total = per_tensor.norm(2)  # () global L2 norm = norm of the per-tensor norms
+    return per_tensor.norm(2)  # () the global norm is the norm of the per-tensor norms
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale gradients in place so that their global L2 norm is at most `max_norm`; returns the norm before clipping.
+
+    The norm is `grad_norm(params)`, or `total` when the caller already computed it. No host sync: the scale
+    min(1, max_norm / (norm + 1e-6)) is applied as a tensor. Raises ValueError for max_norm <= 0.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
+    params = [p for p in params if p.grad is not None]
+    total = grad_norm(params) if total is None else total
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # () 1e-6 as torch.nn.utils.clip_grad_norm_
-    for g in grads:
-        g.detach().mul_(scale.to(device=g.device, dtype=g.dtype))
+    for p in params:
+        p.grad.detach().mul_(scale.to(device=p.grad.device, dtype=p.grad.dtype))
     return total

@@ -81,7 +81,8 @@ def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) 
     """Output (h, w) for scaling the shorter side to `short_edge` with the longer side capped at `max_size`.
 
     D2 `ResizeShortestEdge.get_output_shape`: one scale for both axes, the cap rescales both sides, and each side is
-    rounded with int(x + 0.5) at the end (so the aspect ratio is kept up to rounding).
+    rounded with int(x + 0.5) at the end (so the aspect ratio is kept up to rounding), and at least 1 px (an
+    extreme aspect ratio could round a side to 0).
     """
     if height <= 0 or width <= 0 or short_edge <= 0 or max_size <= 0:
         raise ValueError(f"sizes must be positive, got height={height} width={width} short_edge={short_edge} "
@@ -91,7 +92,7 @@ def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) 
     if max(new_h, new_w) > max_size:
         cap = max_size / max(new_h, new_w)
         new_h, new_w = new_h * cap, new_w * cap
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
 
 
 def resize(image, target, size_hw):
