@@ -221,11 +221,13 @@ def prepare_model_run(args) -> dict:
     dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False)  # COCO scores every image
     if keypoints and dataset.num_keypoints == 0:
         raise UsageError(f"{args.config} predicts keypoints but {ann} has no keypoint annotations")
+    state = read_weights(args.weights, cfg)
     pinned = any(o.split("=", 1)[0].strip() == "model.roi_heads.num_classes" for o in args.overrides)
-    if not pinned:
-        cfg.model.roi_heads.num_classes = dataset.num_classes
+    if not pinned:  # the classifier's rows (K + 1) say how many classes the weights predict
+        classifier = [v for k, v in state.items() if k.endswith("cls_score.weight")]
+        cfg.model.roi_heads.num_classes = classifier[0].shape[0] - 1 if classifier else dataset.num_classes
     model = minimask.build_model(cfg)
-    load_weights(model, args.weights, dataset.category_ids)
+    load_weights(model, state, args.weights, dataset.category_ids)
     model.to(device)
 
     loader = build_test_loader(dataset, rank=rank, world_size=world_size, num_workers=cfg.data.num_workers)
@@ -254,18 +256,22 @@ def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
     return info.rank, info.world_size, device
 
 
-def load_weights(model: torch.nn.Module, path: str, dataset_category_ids: list[int]) -> None:
-    """Load a weights-only checkpoint (plain state dict, or {"model": state dict}; DDP "module." prefixes are
-    stripped) strictly, except that a missing `category_ids` label map is taken from the dataset with a warning."""
+def read_weights(path: str, cfg) -> dict:
+    """The minimask state dict in `path`: a minimask checkpoint (a state dict, or {"model": state dict}) or a
+    torchvision detection checkpoint, converted (minimask.model_zoo); ValueError naming the file otherwise."""
+    from minimask.checkpoint import CheckpointError
+    from minimask.model_zoo import read_checkpoint
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a weights-only checkpoint"
-        raise ValueError(f"--weights: cannot load {path} as a weights-only checkpoint ({type(e).__name__})") from None
-    state = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights: {path} holds no state dict (expected tensors, or a 'model' entry)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state, _ = read_checkpoint(path, config=cfg)
+    except CheckpointError as e:  # unreadable, or refused by weights-only loading
+        raise ValueError(f"--weights: {e}") from None
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str, dataset_category_ids: list[int]) -> None:
+    """Load `state` strictly, except that a missing `category_ids` label map is taken from the dataset with a
+    warning."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches

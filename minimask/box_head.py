@@ -154,7 +154,8 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, r
 
 
 def fast_rcnn_inference(class_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], score_thresh: float = 0.05,
-                        nms_thresh: float = 0.5, topk: int = 100) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        nms_thresh: float = 0.5, topk: int = 100,
+                        min_size: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Final detections of one image from per-class scores and boxes (detectron2 `fast_rcnn_inference`).
 
     Every (RoI, class) pair is a candidate: boxes are clipped to the image, pairs with a score <= score_thresh or a
@@ -165,6 +166,8 @@ def fast_rcnn_inference(class_probs: Tensor, boxes: Tensor, image_size: tuple[in
         class_probs: (R, K+1) softmax probabilities, column 0 = background (ignored).
         boxes: (R, 4K) decoded boxes, class c in 1..K at columns 4(c-1):4c.
         image_size: (h, w) to clip to.
+        min_size: also drop clipped boxes whose width or height is below min_size (torchvision's
+            `postprocess_detections` uses 1e-2); 0 keeps every box (detectron2).
 
     Returns:
         boxes (N, 4), scores (N,), labels (N,) int64 in 1..K, kept_rows (N,) int64 index of each detection's RoI;
@@ -177,6 +180,9 @@ def fast_rcnn_inference(class_probs: Tensor, boxes: Tensor, image_size: tuple[in
     scores = class_probs[:, 1:]  # (R, K)
     boxes = clip_boxes_to_image(boxes.view(r, num_classes, 4), image_size)  # (R, K, 4)
     candidate = (scores > score_thresh) & torch.isfinite(scores) & torch.isfinite(boxes).all(dim=2)  # (R, K)
+    if min_size > 0:
+        sides = boxes[..., 2:] - boxes[..., :2]  # (R, K, 2)
+        candidate &= (sides >= min_size).all(dim=2)
     rows, columns = torch.where(candidate)  # (N,), (N,)
     boxes, scores, labels = boxes[rows, columns], scores[rows, columns], columns + 1  # (N, 4), (N,), (N,)
     keep = batched_nms(boxes, scores, labels, nms_thresh)[:topk]  # sorted by decreasing score

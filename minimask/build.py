@@ -3,6 +3,8 @@
 Every module below takes plain keyword arguments; this file is the map from config fields to those arguments, so
 reading it top to bottom shows the whole model of a preset.
 """
+import torch
+
 from minimask.box_head import BoxPredictor, ConvFCHead
 from minimask.cascade import CascadeRoIHeads
 from minimask.config import Config
@@ -27,6 +29,7 @@ def build_model(cfg: Config) -> MaskRCNN:
         norm=m.backbone.norm,
         stride_in_1x1=m.backbone.stride_in_1x1,
         freeze_at=m.backbone.freeze_at,
+        freeze_norms=m.backbone.freeze_norms,
     )
     fpn = FPN(in_channels=list(backbone.out_channels.values()), out_channels=m.fpn.out_channels, norm=m.fpn.norm)
     rpn = RPN(
@@ -47,6 +50,11 @@ def build_model(cfg: Config) -> MaskRCNN:
         post_nms_topk_test=m.rpn.post_nms_topk_test,
         nms_thresh=m.rpn.nms_thresh,
         min_size=m.rpn.min_size,
+        round_anchors=m.rpn.round_anchors,
+        anchor_strides_from_image=m.rpn.anchor_strides_from_image,
+        head_conv_depth=m.rpn.head_conv_depth,
+        normalize_by_sampled=m.rpn.normalize_by_sampled,
+        rank_by_probability=m.rpn.rank_by_probability,
     )
     num_classes = m.roi_heads.num_classes
     mask_head = None
@@ -81,6 +89,10 @@ def build_model(cfg: Config) -> MaskRCNN:
         detections_per_image=m.roi_heads.detections_per_image,
         mask_size=2 * m.mask_head.resolution,
         keypoint_heatmap_size=m.keypoint_head.heatmap_size,
+        min_box_size=m.roi_heads.min_box_size,
+        soft_mask_targets=m.mask_head.soft_targets,
+        legacy_mask_paste=m.mask_head.legacy_paste,
+        keypoint_score=m.keypoint_head.score,
     )
 
     def box_head():
@@ -111,7 +123,7 @@ def build_model(cfg: Config) -> MaskRCNN:
             box_reg_weights=m.box_head.reg_weights,
             **common,
         )
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone=backbone,
         fpn=fpn,
         rpn=rpn,
@@ -123,4 +135,6 @@ def build_model(cfg: Config) -> MaskRCNN:
         pixel_mean=m.pixel_mean,
         pixel_std=m.pixel_std,
         size_divisibility=m.size_divisibility,
+        channels_last=m.channels_last,
     )
+    return model.to(memory_format=torch.channels_last) if m.channels_last else model

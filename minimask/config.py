@@ -24,6 +24,7 @@ class BackboneConfig:
     norm: str = "GN"  # Paper Sec. 3: GN or SyncBN when training from scratch; "BN", "SyncBN", "GN", "FrozenBN", ""
     stride_in_1x1: bool = False  # D2: False for all GN and scratch configs (stride on the 3x3, as torchvision)
     freeze_at: int = 0  # D2 scratch configs: 0 = nothing frozen (freezing costs ~3 AP from scratch, D1 GN README)
+    freeze_norms: bool = True  # D2: frozen stages' BN become FrozenBN; TV _resnet_fpn_extractor keeps BatchNorm2d
 
 
 @dataclass
@@ -49,6 +50,12 @@ class RPNConfig:
     post_nms_topk_test: int = 1000
     nms_thresh: float = 0.7  # D2
     min_size: float = 0.0  # D2: drop proposals with a side <= 0
+    round_anchors: bool = False  # TV AnchorGenerator rounds the cell anchors to integers; D2 does not
+    anchor_strides_from_image: bool = False  # TV AnchorGenerator: stride = padded image size // feature size per
+    # axis (61, not 64, on P6 of an 800-px side); D2: the nominal strides 4..64
+    head_conv_depth: int = 1  # 3x3 convs in the RPN head; TV maskrcnn_resnet50_fpn_v2 RPNHead(conv_depth=2)
+    normalize_by_sampled: bool = False  # TV rpn.compute_loss: both losses / sampled anchors; D2: / (256 * images)
+    rank_by_probability: bool = False  # TV filter_proposals: NMS / top-k on sigmoid(logit) (ties at 1.0); D2: logits
 
 
 @dataclass
@@ -63,6 +70,7 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05  # D2 ROI_HEADS.SCORE_THRESH_TEST
     nms_thresh: float = 0.5  # D2 ROI_HEADS.NMS_THRESH_TEST
     detections_per_image: int = 100  # COCO evaluates 100 detections per image
+    min_box_size: float = 0.0  # TV postprocess_detections drops boxes with a side < 1e-2; D2 keeps all (0)
 
 
 @dataclass
@@ -83,6 +91,8 @@ class MaskHeadConfig:
     conv_dims: tuple = (256, 256, 256, 256)  # Mask R-CNN Fig. 4 (right) / D2 NUM_CONV 4
     norm: str = "GN"  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml
     resolution: int = 14  # RoIAlign output; the deconv doubles it to 28 x 28 logits
+    soft_targets: bool = False  # TV project_masks_on_boxes: RoIAlign aligned=False, soft targets; D2: >= 0.5
+    legacy_paste: bool = False  # TV/D1 paste_masks_in_image (integer boxes, 1-px padding); D2: grid_sample paste
 
 
 @dataclass
@@ -92,6 +102,7 @@ class KeypointHeadConfig:
     conv_dims: tuple = (512,) * 8  # Mask R-CNN Sec. 5 / D2 ROI_KEYPOINT_HEAD.CONV_DIMS
     resolution: int = 14
     heatmap_size: int = 56  # deconv (28) then bilinear x2 (D2)
+    score: str = "softmax"  # keypoint score: D2 spatial softmax; TV "logit" (the upsampled heatmap's maximum)
 
 
 @dataclass
@@ -120,6 +131,7 @@ class ModelConfig:
     pixel_mean: tuple = (103.530, 116.280, 123.675)  # D2 PIXEL_MEAN
     pixel_std: tuple = (57.375, 57.120, 58.395)  # D2 scratch_mask_rcnn_R_50_FPN_9x_gn.yaml PIXEL_STD
     size_divisibility: int = 32  # pad so every FPN level (stride up to 32) tiles the image exactly (D2)
+    channels_last: bool = False  # NHWC weights and activations, same results; not faster on the 2-core CPU (demo)
 
 
 @dataclass
@@ -199,11 +211,39 @@ _TINY = [
 ]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs
 
 _DEMO = _TINY + [
-    "model.roi_heads.num_classes=6", "input.min_size_train=(160, 192)", "input.max_size_train=320",
-    "input.min_size_test=192", "input.max_size_test=320", "solver.batch_size=2", "solver.lr=0.01",
-    "solver.max_iter=1800", "solver.steps=(1200, 1600)", "solver.warmup_iters=100", "solver.checkpoint_period=600",
+    "model.roi_heads.num_classes=6", "model.rpn.anchor_sizes=(16, 32, 64, 128, 256)",
+    "model.roi_heads.batch_size_per_image=128", "input.min_size_train=(160, 192)", "input.max_size_train=320",
+    "input.min_size_test=224", "input.max_size_test=384", "solver.batch_size=4", "solver.lr=0.04",
+    "solver.max_iter=830", "solver.steps=(553, 738)", "solver.warmup_iters=100", "solver.checkpoint_period=500",
     "solver.eval_period=0", "solver.clip_grad_norm=10.0",
-]  # `python train.py --config demo`: the tiny model on the synthetic set, end to end on a CPU in minutes
+]  # `python train.py --config demo`: the tiny model on the synthetic set, end to end on a 2-core CPU in < 10 min.
+# Anchors halved: the synthetic objects (12-140 px, shrunk ~0.7x) are smaller than the FPN's 32-512 px anchors
+# assume; LR 0.01 per image (8x the linear-scaling rule's) is the best of 0.005-0.02 per image measured for
+# this short schedule; batch 4 gets 1.3x the images per second of batch 2 on two cores.
+
+_TORCHVISION = [
+    "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2", "model.fpn.norm=",
+    "model.rpn.round_anchors=True", "model.rpn.anchor_strides_from_image=True", "model.rpn.min_size=0.001",
+    "model.rpn.post_nms_topk_train=2000", "model.rpn.box_reg_loss=smooth_l1",
+    "model.rpn.smooth_l1_beta=0.1111111111111111", "model.rpn.normalize_by_sampled=True",
+    "model.rpn.rank_by_probability=True", "model.roi_heads.num_classes=90", "model.roi_heads.sampling_ratio=2",
+    "model.roi_heads.aligned=False", "model.roi_heads.min_box_size=0.01", "model.box_head.conv_dims=()",
+    "model.box_head.fc_dims=(1024, 1024)", "model.box_head.norm=", "model.box_head.reg_loss=smooth_l1",
+    "model.box_head.smooth_l1_beta=0.1111111111111111", "model.mask_head.norm=", "model.mask_head.soft_targets=True",
+    "model.mask_head.legacy_paste=True", "model.input_format=RGB", "model.pixel_scale=1.0",
+    "model.pixel_mean=(0.485, 0.456, 0.406)", "model.pixel_std=(0.229, 0.224, 0.225)",
+]  # TV maskrcnn_resnet50_fpn with its weights: FrozenBN, trainable_backbone_layers=3 (= freeze_at 2), 2fc head,
+# RoIAlign sampling 2 unaligned, smooth-L1 1/9, 91-slot COCO layout (labels 1..90 = COCO ids, N/A slots unused)
+_TORCHVISION_V2 = _TORCHVISION + [
+    "model.backbone.norm=BN", "model.backbone.freeze_norms=False", "model.fpn.norm=BN", "model.rpn.head_conv_depth=2",
+    "model.box_head.conv_dims=(256, 256, 256, 256)", "model.box_head.fc_dims=(1024,)", "model.box_head.norm=BN",
+    "model.mask_head.norm=BN",
+]  # TV maskrcnn_resnet50_fpn_v2 (Li et al. 2021 "Benchmarking detection transfer learning with ViTs"): BatchNorm
+# backbone / FPN / heads, 2-conv RPN head, 4conv1fc box head
+_TORCHVISION_KEYPOINT = _TORCHVISION + [
+    "model.roi_heads.num_classes=1", "model.mask_head.enabled=False", "model.keypoint_head.enabled=True",
+    "model.keypoint_head.score=logit", "input.min_size_train=(640, 672, 704, 736, 768, 800)",
+]  # TV keypointrcnn_resnet50_fpn: person only, 17 keypoints, heatmap-logit keypoint scores
 
 PRESETS: dict[str, list[str]] = {
     "r50_fpn_gn": [],
@@ -219,6 +259,9 @@ PRESETS: dict[str, list[str]] = {
     "tiny": _TINY,
     "demo": _DEMO,
     "tiny_keypoint": _TINY + _KEYPOINT + ["model.keypoint_head.conv_dims=(64, 64)", "model.rpn.post_nms_topk_train=100"],
+    "torchvision_maskrcnn_r50_fpn": _TORCHVISION,
+    "torchvision_maskrcnn_r50_fpn_v2": _TORCHVISION_V2,
+    "torchvision_keypointrcnn_r50_fpn": _TORCHVISION_KEYPOINT,
 }
 
 

@@ -115,7 +115,7 @@ def keypoint_loss(logits: Tensor, flat_idx: Tensor, valid: Tensor) -> Tensor:
     return total / normalizer
 
 
-def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor, score: str = "softmax") -> tuple[Tensor, Tensor]:
     """Decode heatmap logits into image keypoints and scores (detectron2 `heatmaps_to_keypoints`).
 
     For each box, with w = max(x1 - x0, 1) and h = max(y1 - y0, 1), the S x S logits are resized bicubically to
@@ -127,9 +127,12 @@ def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor
     of different sizes comparable; bicubic overshoot can make m exceed the S x S maximum, so a score can slightly
     exceed the S x S softmax maximum (and, rarely, 1).
 
+    With score="logit" the score is instead the resized map's maximum itself (torchvision `heatmaps_to_keypoints`).
+
     Args:
         logits: (R, P, S, S) heatmap logits.
         boxes: (R, 4) detection boxes in image pixels.
+        score: "softmax" (detectron2) or "logit" (torchvision).
     Returns:
         keypoints: (R, P, 3) float32 (x, y, 1); the third column is torchvision's visibility flag.
         scores: (R, P) float32. R == 0 gives (0, P, 3) and (0, P).
@@ -139,6 +142,8 @@ def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor
     check_boxes(boxes)
     if logits.shape[0] != boxes.shape[0]:
         raise ValueError(f"logits and boxes differ in length: {logits.shape[0]} and {boxes.shape[0]}")
+    if score not in ("softmax", "logit"):
+        raise ValueError(f"score must be 'softmax' or 'logit', got {score!r}")
     num_rois, num_keypoints = logits.shape[:2]
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.detach().to(dtype)
@@ -162,6 +167,8 @@ def heatmaps_to_keypoints(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor
     ceil_wh = torch.stack((widths.ceil(), heights.ceil()), dim=1)  # (R, 2)
     scale = torch.stack((widths, heights), dim=1) / ceil_wh  # (R, 2) image pixels per resized pixel
     keypoints[..., :2] = boxes[:, None, :2] + (argmax_xy + 0.5) * scale[:, None, :]
+    if score == "logit":
+        return keypoints, resized_max
     # exp(m) / sum exp(logits) evaluated as 1 / sum exp(logits - m) so that nothing overflows.
     scores = 1.0 / (logits - resized_max[..., None, None]).exp().sum(dim=(2, 3))  # (R, P)
     return keypoints, scores

@@ -14,7 +14,9 @@ SyncBN after each of the 4 convs (detectron2 `MaskRCNNConvUpsampleHead` with NOR
 - loss: per-pixel binary cross-entropy on the GT class's map only (Sec. 3: "L_mask is only defined on the k-th
   mask"), averaged over all pixels of all foreground RoIs;
 - inference: the sigmoid of the predicted class's map is resampled into the image with `F.grid_sample`
-  (`paste_masks_in_image`), which detectron2 reports is ~0.5 mask AP better than the legacy integer-box paste.
+  (`paste_masks_in_image`), which detectron2 reports is ~0.5 mask AP better than the legacy integer-box paste
+  (`paste_masks_legacy`, kept to reproduce torchvision / Detectron checkpoints, as are torchvision's soft targets:
+  `mask_targets(aligned=False, binarize=False)`).
 
 Class convention (minimask's): labels 1..K are objects, 0 is background; class c uses mask map c - 1.
 """
@@ -79,8 +81,12 @@ def _float_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
 
 
-def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: int) -> Tensor:
+def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: int, *, aligned: bool = True,
+                 binarize: bool = True) -> Tensor:
     """Binary S x S mask targets of RoIs from full-image GT bitmaps (detectron2 `BitMasks.crop_and_resize`).
+
+    aligned=False, binarize=False gives torchvision's soft targets instead (`project_masks_on_boxes`: RoIAlign
+    without the half-pixel shift, values in [0, 1] used as BCE targets as they are).
 
     Args:
         gt_masks: (G, H, W) uint8/bool/float, the image's GT masks at full image resolution.
@@ -106,8 +112,9 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: in
     masks = gt_masks.to(device=boxes.device, dtype=dtype)[:, None]  # (G, 1, H, W)
     rois = torch.cat([matched_idxs.to(boxes.device, dtype)[:, None], boxes.detach().to(dtype)], dim=1)  # (R, 5)
     with torch.no_grad():
-        crops = roi_align(masks, rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)  # (R, 1, S, S)
-    return (crops[:, 0] >= 0.5).to(dtype)  # (R, S, S)
+        crops = roi_align(masks, rois, (size, size), spatial_scale=1.0, sampling_ratio=0,
+                          aligned=aligned)  # (R, 1, S, S)
+    return (crops[:, 0] >= 0.5).to(dtype) if binarize else crops[:, 0]  # (R, S, S)
 
 
 def polygon_mask_targets(polygons: list, boxes: Tensor, size: int) -> Tensor:
@@ -245,4 +252,47 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, ch
         inside = (gy.abs() <= 1)[:, :, None] & (gx.abs() <= 1)[:, None, :]  # (n, h', w')
         index = torch.arange(start, start + n, device=device)[:, None, None]  # (n, 1, 1)
         out[index, 0, rows[:, :, None], cols[:, None, :]] = torch.where(inside, pasted, 0)
+    return out
+
+
+def paste_masks_legacy(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
+    """The legacy paste of Detectron and torchvision (`paste_masks_in_image`), kept to reproduce their checkpoints.
+
+    Each S x S mask is zero-padded to (S + 2p) x (S + 2p), its box is scaled about its centre by (S + 2p) / S and
+    truncated to integers (x0, y0, x1, y1), the padded mask is resized bilinearly (align_corners=False) to
+    (y1 - y0 + 1) x (x1 - x0 + 1) pixels and written into the image at [y0, y1] x [x0, x1], clipped to the image.
+    One mask at a time (a Python loop): slow, but this is what the source library computes.
+
+    Args:
+        probs: (N, S, S) probabilities; boxes: (N, 4) finite boxes in image pixels; image_size: (h, w).
+    Returns:
+        (N, 1, h, w) probabilities in probs' float dtype (at least float32). N == 0 gives (0, 1, h, w).
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"probs must have shape (N, S, S), got {tuple(probs.shape)}")
+    check_boxes(boxes)
+    if boxes.shape[0] != probs.shape[0]:
+        raise ValueError(f"probs and boxes differ in length: {probs.shape[0]} masks, {boxes.shape[0]} boxes")
+    img_h, img_w = int(image_size[0]), int(image_size[1])
+    dtype = torch.promote_types(probs.dtype, torch.float32)
+    out = torch.zeros((probs.shape[0], 1, img_h, img_w), dtype=dtype, device=probs.device)  # (N, 1, h, w)
+    if probs.shape[0] == 0:
+        return out
+    side = probs.shape[-1]
+    padded = F.pad(probs.detach().to(dtype), (padding,) * 4)  # (N, S + 2p, S + 2p)
+    scale = float(side + 2 * padding) / side
+    boxes = boxes.detach().to(device=probs.device, dtype=dtype)
+    # The same float operations as torchvision's `expand_boxes`, then truncation toward zero (`.to(int64)`).
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale  # (N,)
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    centre_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    centre_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    corners = torch.stack((centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h), dim=1)
+    for i, (x0, y0, x1, y1) in enumerate(corners.to(torch.int64).tolist()):  # one host sync for all boxes
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        resized = F.interpolate(padded[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        left, right = max(x0, 0), min(x1 + 1, img_w)
+        top, bottom = max(y0, 0), min(y1 + 1, img_h)
+        if right > left and bottom > top:
+            out[i, 0, top:bottom, left:right] = resized[top - y0:bottom - y0, left - x0:right - x0]
     return out

@@ -32,6 +32,7 @@ class MaskRCNN(nn.Module):
         pixel_mean: tuple = (103.530, 116.280, 123.675),
         pixel_std: tuple = (57.375, 57.120, 58.395),
         size_divisibility: int = 32,
+        channels_last: bool = False,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -41,6 +42,7 @@ class MaskRCNN(nn.Module):
         self.backbone, self.fpn, self.rpn, self.roi_heads = backbone, fpn, rpn, roi_heads
         self.num_classes, self.num_keypoints = num_classes, num_keypoints
         self.input_format, self.pixel_scale, self.size_divisibility = input_format, pixel_scale, size_divisibility
+        self.channels_last = channels_last
         # Buffers so that they follow .to(device) and are saved with the model (they define its pixel convention).
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=True)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=True)
@@ -55,6 +57,8 @@ class MaskRCNN(nn.Module):
                 raise ValueError("targets are required in training mode")
             self._check_targets(images, targets)
         batch, image_sizes = self.preprocess(images)
+        if self.channels_last:  # NHWC activations: the layout oneDNN and tensor-core convolutions prefer
+            batch = batch.contiguous(memory_format=torch.channels_last)
         c2_to_c5 = list(self.backbone(batch).values())  # res2..res5, strides 4..32
         features = self.fpn(c2_to_c5)  # P2..P6, strides 4..64
         proposals, rpn_losses = self.rpn(features, image_sizes, targets if self.training else None)

@@ -121,6 +121,9 @@ class ResNet(nn.Module):
         freeze_at: 0 = train everything; k >= 1 freezes the stem, k >= 2 also res2, ..., k = 5 also res5.
             Frozen parameters get requires_grad=False and frozen BN/SyncBN layers become FrozenBatchNorm2d
             (detectron2 `ResNet.freeze`). Scratch training must use 0 (spec section 10, pitfall 1).
+        freeze_norms: frozen stages' norms become FrozenBatchNorm2d (detectron2, default). False only stops their
+            gradients (torchvision `_resnet_fpn_extractor`: a BatchNorm there still uses batch statistics in
+            training mode).
         out_features: which of "stem", "res2".."res5", "logits" `forward` returns.
         num_classes: builds `fc` (global average pool + linear) for "logits". Required by "logits", and only
             allowed together with it (an fc that never runs would be a dead parameter).
@@ -136,7 +139,7 @@ class ResNet(nn.Module):
     def __init__(self, *, depth: int = 50, groups: int = 1, width_per_group: int = 64, norm: str | None = "GN",
                  stride_in_1x1: bool = False, freeze_at: int = 0,
                  out_features: tuple[str, ...] | list[str] = ("res2", "res3", "res4", "res5"),
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, freeze_norms: bool = True):
         super().__init__()
         out_features = self._check_args(depth, groups, width_per_group, stride_in_1x1, freeze_at, out_features,
                                          num_classes)
@@ -184,7 +187,7 @@ class ResNet(nn.Module):
         self.strides: dict[str, int] = {f: all_strides[f] for f in spatial}
 
         self._init_weights()
-        self._freeze(freeze_at)
+        self._freeze(freeze_at, freeze_norms)
 
     @staticmethod
     def _check_args(depth, groups, width_per_group, stride_in_1x1, freeze_at, out_features, num_classes):
@@ -236,15 +239,16 @@ class ResNet(nn.Module):
             nn.init.normal_(self.fc.weight, std=0.01)
             nn.init.zeros_(self.fc.bias)
 
-    def _freeze(self, freeze_at: int) -> None:
+    def _freeze(self, freeze_at: int, freeze_norms: bool = True) -> None:
         """Freeze the stem (freeze_at >= 1) and res2..res_{freeze_at}; detectron2 `ResNet.freeze` semantics."""
+        convert = FrozenBatchNorm2d.convert_frozen_batchnorm if freeze_norms else (lambda module: module)
         if freeze_at >= 1:
-            self.norm1 = FrozenBatchNorm2d.convert_frozen_batchnorm(self.norm1)
+            self.norm1 = convert(self.norm1)
             for p in (*self.conv1.parameters(), *self.norm1.parameters()):
                 p.requires_grad_(False)
         for idx in range(1, min(freeze_at, len(self._stage_names) + 1)):
             name = f"layer{idx}"
-            stage = FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, name))
+            stage = convert(getattr(self, name))
             setattr(self, name, stage)
             for p in stage.parameters():
                 p.requires_grad_(False)

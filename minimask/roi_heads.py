@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from minimask.box_head import fast_rcnn_inference, fast_rcnn_losses
 from minimask.keypoint_head import heatmaps_to_keypoints, keypoint_loss, keypoint_targets
-from minimask.mask_head import mask_loss, mask_targets, paste_masks, polygon_mask_targets
+from minimask.mask_head import mask_loss, mask_targets, paste_masks, paste_masks_legacy, polygon_mask_targets
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import box_iou
 from minimask.ops.matcher import match_boxes, sample_balanced
@@ -137,7 +137,15 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, append_gt: bool = True, box_reg_weights: tuple = (10, 10, 5, 5),
                  box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
-                 keypoint_heatmap_size: int = 56):
+                 keypoint_heatmap_size: int = 56, min_box_size: float = 0.0, soft_mask_targets: bool = False,
+                 legacy_mask_paste: bool = False, keypoint_score: str = "softmax"):
+        """The last four arguments reproduce torchvision's conventions (defaults: detectron2's):
+        min_box_size: detections with a side < min_box_size are dropped before NMS (torchvision: 1e-2).
+        soft_mask_targets: mask targets by RoIAlign of the bitmaps without the half-pixel shift and without
+            thresholding (torchvision `project_masks_on_boxes`); used instead of polygons when a target has both.
+        legacy_mask_paste: paste masks with `paste_masks_legacy` (torchvision / Detectron).
+        keypoint_score: "softmax" (detectron2) or "logit" (torchvision), see `heatmaps_to_keypoints`.
+        """
         super().__init__()
         self.box_head, self.box_predictor = box_head, box_predictor
         self.mask_head, self.keypoint_head = mask_head, keypoint_head
@@ -152,6 +160,8 @@ class RoIHeads(nn.Module):
         self.box_reg_loss, self.smooth_l1_beta = box_reg_loss, smooth_l1_beta
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.mask_size, self.keypoint_heatmap_size = mask_size, keypoint_heatmap_size
+        self.min_box_size, self.soft_mask_targets = min_box_size, soft_mask_targets
+        self.legacy_mask_paste, self.keypoint_score = legacy_mask_paste, keypoint_score
 
     def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
@@ -181,7 +191,8 @@ class RoIHeads(nn.Module):
         detections = []
         for probs_i, boxes_i, size in zip(class_probs.split(counts), boxes.split(counts), image_sizes):
             boxes_i, scores_i, labels_i, _ = fast_rcnn_inference(
-                probs_i, boxes_i, size, self.score_thresh, self.nms_thresh, self.detections_per_image)
+                probs_i, boxes_i, size, self.score_thresh, self.nms_thresh, self.detections_per_image,
+                min_size=self.min_box_size)
             detections.append({"boxes": boxes_i, "labels": labels_i, "scores": scores_i})
         if self.mask_head is not None:
             self._add_masks(features, detections, image_sizes)  # on the final boxes only (Sec. 3, "Inference")
@@ -230,10 +241,11 @@ class RoIHeads(nn.Module):
     def _mask_targets(self, foreground: RoISamples, target: dict) -> Tensor:
         """(F, M, M) binary targets: from the GT polygons when the target carries them (rasterised inside each RoI,
         detectron2's default for COCO), else by RoIAlign-ing the full-size bitmaps."""
-        if "polygons" in target:
+        if "polygons" in target and not (self.soft_mask_targets and "masks" in target):  # TV: always bitmaps
             matched = foreground.matched_idxs.tolist()
             return polygon_mask_targets([target["polygons"][i] for i in matched], foreground.boxes, self.mask_size)
-        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size)
+        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size,
+                            aligned=not self.soft_mask_targets, binarize=not self.soft_mask_targets)
 
     def _keypoint_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
         selected = with_visible_keypoints(foreground, [t["keypoints"] for t in targets])
@@ -255,12 +267,13 @@ class RoIHeads(nn.Module):
         # Sec. 3, "Inference": the mask of the predicted class k, the k-th of the K maps.
         probs = logits[torch.arange(labels.shape[0], device=labels.device), labels - 1].sigmoid()  # (N, M, M)
         for d, probs_i, size in zip(detections, probs.split([b.shape[0] for b in boxes]), image_sizes):
-            d["masks"] = paste_masks(probs_i, d["boxes"], size)  # (N_i, 1, h, w)
+            paste = paste_masks_legacy if self.legacy_mask_paste else paste_masks
+            d["masks"] = paste(probs_i, d["boxes"], size)  # (N_i, 1, h, w)
 
     def _add_keypoints(self, features, detections: list[dict[str, Tensor]]) -> None:
         boxes = [d["boxes"] for d in detections]
         logits = self.keypoint_head(self._pool(features, boxes, self.keypoint_resolution))  # (N, P, S, S)
-        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes))  # (N, P, 3), (N, P)
+        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes), self.keypoint_score)  # (N, P, 3), (N, P)
         counts = [b.shape[0] for b in boxes]
         for d, keypoints_i, scores_i in zip(detections, keypoints.split(counts), scores.split(counts)):
             d["keypoints"], d["keypoints_scores"] = keypoints_i, scores_i

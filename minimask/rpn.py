@@ -30,19 +30,23 @@ class RPNHead(nn.Module):
     """The head shared by all levels: 3x3 conv + ReLU, then sibling 1x1 convs for A logits and 4A deltas.
 
     No norm layer, even in GN/SyncBN models (detectron2 StandardRPNHead). Init normal(std=0.01), bias 0.
+    `conv_depth` > 1 stacks more 3x3 conv + ReLU layers (`extra_convs`; torchvision's v2 models use 2).
     forward(list of (B, C, H_l, W_l)) -> (list of (B, H_l*W_l*A) logits, list of (B, H_l*W_l*A, 4) deltas).
     """
 
-    def __init__(self, *, in_channels: int, num_anchors: int):
+    def __init__(self, *, in_channels: int, num_anchors: int, conv_depth: int = 1):
         super().__init__()
-        if in_channels <= 0 or num_anchors <= 0:
-            raise ValueError(f"in_channels and num_anchors must be positive, got {in_channels}, {num_anchors}")
+        if in_channels <= 0 or num_anchors <= 0 or conv_depth < 1:
+            raise ValueError(f"in_channels, num_anchors and conv_depth must be positive, got {in_channels}, "
+                             f"{num_anchors}, {conv_depth}")
         self.in_channels = in_channels
         self.num_anchors = num_anchors
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.extra_convs = nn.ModuleList(
+            nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1) for _ in range(conv_depth - 1))
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.anchor_deltas = nn.Conv2d(in_channels, 4 * num_anchors, kernel_size=1)
-        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+        for layer in (self.conv, *self.extra_convs, self.objectness_logits, self.anchor_deltas):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
@@ -52,6 +56,8 @@ class RPNHead(nn.Module):
             if x.dim() != 4 or x.shape[1] != self.in_channels:
                 raise ValueError(f"RPNHead expects (B, {self.in_channels}, H, W) maps, got {tuple(x.shape)}")
             t = F.relu(self.conv(x))
+            for conv in self.extra_convs:
+                t = F.relu(conv(t))
             b, _, h, w = t.shape
             # Channel a of the logits is anchor a; channels 4a..4a+3 of the deltas are anchor a's (dx, dy, dw, dh).
             logits.append(self.objectness_logits(t).permute(0, 2, 3, 1).reshape(b, -1))  # (B, H*W*A)
@@ -101,8 +107,12 @@ def rpn_losses(
     batch_size_per_image: int,
     box_reg_loss: str = "l1",
     smooth_l1_beta: float = 0.0,
+    normalize_by_sampled: bool = False,
 ) -> dict[str, Tensor]:
     """The two RPN losses with detectron2's normalisation (both divided by batch_size_per_image * B).
+
+    normalize_by_sampled=True divides both by the number of sampled anchors in the batch instead (torchvision
+    `RegionProposalNetwork.compute_loss`: mean BCE over the sampled anchors, box loss sum / sampled count).
 
     Args:
         anchors: (M, 4) all levels concatenated; pred_logits: (B, M); pred_deltas: (B, M, 4);
@@ -133,8 +143,11 @@ def rpn_losses(
     loss_obj = F.binary_cross_entropy_with_logits(
         pred_logits[valid].to(loss_dtype), labels[valid].to(loss_dtype), reduction="sum"
     )
-    images = global_normalizer(torch.full((), b, dtype=torch.float32, device=pred_logits.device))
-    normalizer = images * batch_size_per_image  # detectron2: per image, batch_size_per_image anchors
+    if normalize_by_sampled:  # torchvision convention
+        normalizer = global_normalizer(valid.sum().to(torch.float32))
+    else:
+        images = global_normalizer(torch.full((), b, dtype=torch.float32, device=pred_logits.device))
+        normalizer = images * batch_size_per_image  # detectron2: per image, batch_size_per_image anchors
     return {"loss_objectness": loss_obj / normalizer, "loss_rpn_box_reg": loss_box / normalizer}
 
 
@@ -149,6 +162,7 @@ def find_top_proposals(
     nms_thresh: float,
     min_size: float = 0.0,
     training: bool = False,
+    rank_by_probability: bool = False,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Select each image's proposals (detectron2 `find_top_rpn_proposals`; reference spec section 3.6).
 
@@ -161,8 +175,11 @@ def find_top_proposals(
         image_sizes: B pairs (h, w) to clip to.
         training: if True, a non-finite box or logit raises FloatingPointError (detectron2 stops a diverged run);
             otherwise such proposals are dropped.
+        rank_by_probability: NMS and the final top-k rank sigmoid(logit) instead of the logit (torchvision). The
+            order is the same except that float32 sigmoids of large logits tie at 1.0, and ties keep their order.
     Returns:
-        (boxes, scores): per image a (P_i, 4) float tensor and its (P_i,) logits, sorted by decreasing logit,
+        (boxes, scores): per image a (P_i, 4) float tensor and its (P_i,) logits (probabilities with
+        rank_by_probability), sorted by decreasing score,
         P_i <= post_nms_topk; P_i may be 0.
     """
     num_levels = len(anchors)
@@ -186,6 +203,8 @@ def find_top_proposals(
             sel_deltas.append(delta[batch_idx, top_idx])  # (B, k, 4)
             level_ids.append(torch.full((k,), level, dtype=torch.int64, device=logit.device))
         scores = torch.cat(scores, dim=1).float()  # (B, K)
+        if rank_by_probability:
+            scores = scores.sigmoid()
         sel_anchors = torch.cat(sel_anchors, dim=1)  # (B, K, 4)
         sel_deltas = torch.cat(sel_deltas, dim=1)  # (B, K, 4)
         level_ids = torch.cat(level_ids)  # (K,)
@@ -243,7 +262,21 @@ class RPN(nn.Module):
         post_nms_topk_test: int = 1000,
         nms_thresh: float = 0.7,
         min_size: float = 0.0,
+        round_anchors: bool = False,
+        anchor_strides_from_image: bool = False,
+        head_conv_depth: int = 1,
+        normalize_by_sampled: bool = False,
+        rank_by_probability: bool = False,
     ):
+        """Keyword arguments after min_size reproduce torchvision's conventions (defaults: detectron2's):
+        round_anchors: cell anchors rounded to integers (`AnchorGenerator.generate_anchors`).
+        anchor_strides_from_image: each level's (stride_y, stride_x) is padded image size // feature size, e.g.
+            61 rather than 64 on P6 of an 800-px side (torchvision `AnchorGenerator.forward`); the padded size is
+            P_first's size times strides[0].
+        head_conv_depth: 3x3 convs in the head (torchvision v2: 2).
+        normalize_by_sampled: see `rpn_losses`.
+        rank_by_probability: see `find_top_proposals`.
+        """
         super().__init__()
         if len(anchor_sizes) != len(strides) or len(strides) == 0:
             raise ValueError(f"need one anchor size per stride, got {len(anchor_sizes)} sizes, {len(strides)} strides")
@@ -271,7 +304,9 @@ class RPN(nn.Module):
         self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
         self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
         self.nms_thresh, self.min_size = nms_thresh, min_size
-        self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios))
+        self.round_anchors, self.anchor_strides_from_image = round_anchors, anchor_strides_from_image
+        self.normalize_by_sampled, self.rank_by_probability = normalize_by_sampled, rank_by_probability
+        self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios), conv_depth=head_conv_depth)
 
     def forward(
         self,
@@ -291,9 +326,14 @@ class RPN(nn.Module):
             if len(targets) != num_images:
                 raise ValueError(f"got {len(targets)} targets for a batch of {num_images} images")
 
+        feature_hws = [tuple(f.shape[-2:]) for f in features]
+        strides = self.strides
+        if self.anchor_strides_from_image:  # torchvision: integer division of the padded image size, per axis
+            padded_h, padded_w = feature_hws[0][0] * self.strides[0], feature_hws[0][1] * self.strides[0]
+            strides = [(padded_h // max(h, 1), padded_w // max(w, 1)) for h, w in feature_hws]
         anchors = multilevel_anchors(
-            self.anchor_sizes, self.aspect_ratios, [tuple(f.shape[-2:]) for f in features], self.strides,
-            self.anchor_offset, device=features[0].device, dtype=torch.float32,
+            self.anchor_sizes, self.aspect_ratios, feature_hws, strides, self.anchor_offset,
+            device=features[0].device, dtype=torch.float32, round_to_int=self.round_anchors,
         )  # per level (H_l*W_l*A, 4)
         logits, deltas = self.head(features)  # per level (B, M_l), (B, M_l, 4)
 
@@ -311,12 +351,13 @@ class RPN(nn.Module):
             losses = rpn_losses(
                 all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched,
                 batch_size_per_image=self.batch_size_per_image, box_reg_loss=self.box_reg_loss,
-                smooth_l1_beta=self.smooth_l1_beta,
+                smooth_l1_beta=self.smooth_l1_beta, normalize_by_sampled=self.normalize_by_sampled,
             )
 
         proposals, _ = find_top_proposals(
             anchors, [x.detach() for x in logits], [x.detach() for x in deltas], image_sizes,
             pre_nms_topk=self.pre_nms_topk[self.training], post_nms_topk=self.post_nms_topk[self.training],
             nms_thresh=self.nms_thresh, min_size=self.min_size, training=self.training,
+            rank_by_probability=self.rank_by_probability,
         )
         return proposals, losses

@@ -492,7 +492,8 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
 
     imagenet: the model must already follow the weights' conventions (`apply_imagenet_conventions` before
     `build_model`): a model whose pixel convention or stride placement differs is refused, then
-    `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, loaded strictly.
+    `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, or a torchvision detection
+    checkpoint (renamed by minimask.model_zoo; build the matching torchvision_* preset), loaded strictly.
     """
     if init not in ("imagenet", "checkpoint"):
         raise ValueError(f"load_initial_weights: --init {init!r} loads no weights")
@@ -516,6 +517,13 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
             raise ValueError(f"--weights {path}: {e}") from None
         report = f"ImageNet init from {path}: {report}"
     else:
+        from minimask.model_zoo import convert_torchvision_detection, is_torchvision_detection
+
+        if is_torchvision_detection(state):  # e.g. maskrcnn_resnet50_fpn: renamed, the model keeps its buffers
+            state, _ = convert_torchvision_detection(state)
+            kept = ("pixel_mean", "pixel_std", "category_ids")
+            state = {**{k: v for k, v in model.state_dict().items() if k in kept}, **state}
+            fmt = "minimask"
         if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
             raise ValueError(f"--weights {path}: --init checkpoint needs a minimask detector checkpoint, this is "
                              f"a {fmt} {'backbone' if fmt == 'minimask' else 'file'} (use --init imagenet)")

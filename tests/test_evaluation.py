@@ -447,7 +447,7 @@ def test_merge_shards_rejects_missing_and_duplicated_images(shards, match):
     (["--config", "tiny", "--weights", "missing.pth", "--ann", "{ann}", "--images", "{images}"], "no such file"),
     (["--config", "tiny", "--weights", "{ckpt}", "--ann", "{ann}", "--images", "{images}", "model.nope=1"],
      "unknown config key"),
-    (["--config", "tiny", "--weights", "{ann}", "--ann", "{ann}", "--images", "{images}"], "weights-only"),
+    (["--config", "tiny", "--weights", "{ann}", "--ann", "{ann}", "--images", "{images}"], "cannot load checkpoint"),
     (["--config", "tiny", "--weights", "{ckpt}", "--ann", "{ann}", "--images", "{images}",
       "model.roi_heads.num_classes=5"], "does not fit"),
     (["--results", "{bad_results}", "--ann", "{ann}"], "not in the annotation file"),
@@ -472,7 +472,8 @@ def test_load_weights_strips_ddp_prefix_and_fills_a_missing_label_map(tmp_path):
     target = _tiny_model(category_ids=(1, 2))
     with pytest.warns(UserWarning, match="no category_ids"):
         torch.save(state, tmp_path / "ddp.pth")
-        evaluate.load_weights(target, str(tmp_path / "ddp.pth"), [3, 7])
+        path = str(tmp_path / "ddp.pth")
+        evaluate.load_weights(target, evaluate.read_weights(path, minimask.get_config("tiny")), path, [3, 7])
     assert target.category_ids.tolist() == [3, 7]
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert name == "category_ids" or torch.equal(a, b)

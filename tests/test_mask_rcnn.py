@@ -73,6 +73,34 @@ def test_train_losses_and_eval_outputs():
         assert (out["boxes"] >= 0).all()
 
 
+def test_channels_last_computes_the_same_losses_gradients_and_detections():
+    """model.channels_last only changes the memory layout: the same weights give the same results."""
+    torch.manual_seed(0)
+    plain = minimask.build_model(get_config("tiny")).double()
+    nhwc = minimask.build_model(get_config("tiny", ["model.channels_last=True"])).double()
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images, targets = two_scenes()
+    images = [img.double() for img in images]
+    results = []
+    for model in (plain, nhwc):
+        torch.manual_seed(1)  # the same RoI sampling
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        model.eval()
+        with torch.no_grad():
+            detections = model(images)
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}, detections))
+    (loss_a, grad_a, det_a), (loss_b, grad_b, det_b) = results
+    for name in loss_a:
+        torch.testing.assert_close(loss_a[name], loss_b[name], rtol=1e-9, atol=1e-12)
+    for name in grad_a:
+        torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-7, atol=1e-10, msg=name)
+    for a, b in zip(det_a, det_b):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-7, atol=1e-7, msg=key)
+
+
 def test_keypoint_model_outputs():
     model = minimask.build_model(get_config("tiny_keypoint"))
     images, targets = two_scenes(keypoints=True)

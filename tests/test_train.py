@@ -250,11 +250,12 @@ def test_two_process_gloo_run(synthetic_root, tmp_path):
 
 def test_demo_preset_is_a_small_synthetic_run():
     import minimask
+    from minimask.solver import lr_steps
 
     cfg = minimask.get_config("demo")
     assert cfg.data.train == "synthetic" and cfg.model.backbone.depth == 18 and cfg.model.fpn.out_channels == 64
-    assert max(cfg.input.min_size_train) <= 256 and cfg.input.max_size_test <= 320
-    assert cfg.solver.max_iter <= 2000 and cfg.solver.steps[0] < cfg.solver.steps[1] < cfg.solver.max_iter
+    assert max(cfg.input.min_size_train) <= 256 and cfg.input.max_size_test <= 384
+    assert cfg.solver.max_iter <= 2000 and cfg.solver.steps == lr_steps(cfg.solver.max_iter)  # the 1x shape, scaled
     model = minimask.build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) < 20e6
 
