@@ -212,12 +212,7 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, ch
         (N, 1, h, w) probabilities, float32 (or float64 for float64 input), on probs' device. N == 0 gives
         (0, 1, h, w).
     """
-    if probs.dim() != 3:
-        raise ValueError(f"probs must have shape (N, S, S), got {tuple(probs.shape)}")
-    check_boxes(boxes)
-    if boxes.shape[0] != probs.shape[0]:
-        raise ValueError(f"probs and boxes differ in length: {probs.shape[0]} masks, {boxes.shape[0]} boxes")
-    img_h, img_w = int(image_size[0]), int(image_size[1])
+    img_h, img_w = _check_paste_inputs(probs, boxes, image_size)
     num_masks = probs.shape[0]
     dtype = torch.promote_types(probs.dtype, torch.float32)
     device = probs.device
@@ -255,6 +250,16 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, ch
     return out
 
 
+def _check_paste_inputs(probs: Tensor, boxes: Tensor, image_size) -> tuple[int, int]:
+    """ValueError unless probs is (N, S, S) and boxes (N, 4); returns the image's (h, w) as ints."""
+    if probs.dim() != 3:
+        raise ValueError(f"probs must have shape (N, S, S), got {tuple(probs.shape)}")
+    check_boxes(boxes)
+    if boxes.shape[0] != probs.shape[0]:
+        raise ValueError(f"probs and boxes differ in length: {probs.shape[0]} masks, {boxes.shape[0]} boxes")
+    return int(image_size[0]), int(image_size[1])
+
+
 def paste_masks_legacy(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
     """The legacy paste of Detectron and torchvision (`paste_masks_in_image`), kept to reproduce their checkpoints.
 
@@ -268,12 +273,7 @@ def paste_masks_legacy(probs: Tensor, boxes: Tensor, image_size: tuple[int, int]
     Returns:
         (N, 1, h, w) probabilities in probs' float dtype (at least float32). N == 0 gives (0, 1, h, w).
     """
-    if probs.dim() != 3:
-        raise ValueError(f"probs must have shape (N, S, S), got {tuple(probs.shape)}")
-    check_boxes(boxes)
-    if boxes.shape[0] != probs.shape[0]:
-        raise ValueError(f"probs and boxes differ in length: {probs.shape[0]} masks, {boxes.shape[0]} boxes")
-    img_h, img_w = int(image_size[0]), int(image_size[1])
+    img_h, img_w = _check_paste_inputs(probs, boxes, image_size)
     dtype = torch.promote_types(probs.dtype, torch.float32)
     out = torch.zeros((probs.shape[0], 1, img_h, img_w), dtype=dtype, device=probs.device)  # (N, 1, h, w)
     if probs.shape[0] == 0:
