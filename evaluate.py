@@ -14,7 +14,6 @@ a dict with a "model" entry (loaded with weights_only=True). Bad input -> a one-
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
 import io
 import json
@@ -29,6 +28,7 @@ from pycocotools.coco import COCO
 import minimask
 from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
+from minimask.runtime import ensure_writable_dir
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
 TTA_MAX_SIZE = 4000  # detectron2 TEST.AUG.MAX_SIZE
@@ -91,21 +91,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _check_output(path: str) -> None:
-    """Create --output and prove it writable before any time is spent on inference."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--output: cannot write to {path} ({e.strerror or e})") from None
-
-
 def check_args(args) -> None:
     """Reject argument combinations that do not make sense (UsageError)."""
     if args.output:
-        _check_output(args.output)
+        ensure_writable_dir(args.output)  # before any time is spent on inference
     model_only = {"--config": args.config, "--weights": args.weights, "--data": args.data, "--split": args.split,
                   "--images": args.images, "--tta": args.tta, "key=value overrides": args.overrides}
     if args.results:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,12 +40,13 @@ from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, br
                                   reduce_dict_mean)
 from minimask.norm import recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
-from minimask.runtime import (StopRequest, autocast_context, code_version, describe_divergence, in_collective,
-                              last_line, to_device)
+from minimask.runtime import (StopRequest, autocast_context, code_version, describe_divergence,
+                              ensure_writable_dir, in_collective, last_line, to_device)
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
 from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, scaled_lr
-from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable,
-                              imagenet_conventions, load_initial_weights, read_weights)
+from minimask.weight_files import read_weights
+from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
+                              load_initial_weights)
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
@@ -179,17 +179,6 @@ def build_datasets(cfg, keys, splits):
     return train, train, val
 
 
-def check_output_dir(path: Path) -> None:
-    """Create `path` and prove it writable (UsageError otherwise), before any time is spent training."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--output: cannot write to {path} ({e.strerror or e})") from None
-
-
 # ---- entry point -------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +212,7 @@ def prepare(args) -> dict:
     check_init_config(cfg, args.init)  # e.g. FrozenBN or frozen stages under random init
     splits = resolve_splits(cfg)
     output = Path(args.output or f"output/{args.config}")
-    check_output_dir(output)
+    ensure_writable_dir(output)
     dist_info = init_distributed()
     if cfg.solver.batch_size % dist_info.world_size:
         raise UsageError(f"--batch-size {cfg.solver.batch_size} is not divisible by the world size "

@@ -5,6 +5,7 @@ collective, a non-finite loss or gradient).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import threading
@@ -48,6 +49,18 @@ def to_device(images: list, targets: list[dict], device: torch.device) -> tuple[
     targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                for t in targets]
     return images, targets
+
+
+def ensure_writable_dir(path, flag: str = "--output") -> None:
+    """Create the folder `path` and prove it writable, before any time is spent; ValueError naming `flag` if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write to {path} ({e.strerror or e})") from None
 
 
 def code_version() -> str:

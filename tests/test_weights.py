@@ -1,4 +1,5 @@
-"""minimask.weights: safe reading, ImageNet weights in torchvision / Caffe2 / minimask format, conventions, checks.
+"""minimask.weights and minimask.weight_files: safe reading, ImageNet weights in torchvision / Caffe2 / minimask format,
+conventions, checks.
 
 Caffe2 files are built here from the naming facts (detectron2 `checkpoint/c2_model_loading.py`, Detectron.pytorch
 mappings), independently of minimask.weights' own mapping, with random values and small widths.
@@ -19,7 +20,8 @@ from minimask.config import get_config
 from minimask.norm import FrozenBatchNorm2d
 from minimask.resnet import ResNet
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
-                              load_imagenet_backbone, load_initial_weights, read_weights)
+                              load_imagenet_backbone, load_initial_weights)
+from minimask.weight_files import read_weights
 
 BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 18: [2, 2, 2, 2]}
 
