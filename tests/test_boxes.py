@@ -92,6 +92,18 @@ def test_nms_across_tiles(monkeypatch):
     assert nms(boxes, scores, 0.4).tolist() == brute_nms(boxes, scores, 0.4)
 
 
+@pytest.mark.parametrize("num_groups", [1, 3, 40])
+def test_batched_nms_across_tiles_and_groups(monkeypatch, num_groups):
+    """Groups that start inside a tile, span several tiles, or hold one box; tied scores across groups."""
+    import minimask.ops.boxes as boxes_mod
+
+    monkeypatch.setattr(boxes_mod, "_NMS_TILE", 5)
+    boxes = random_boxes(90, size=40, seed=11)
+    scores = (torch.rand(90, generator=torch.Generator().manual_seed(12)) * 8).round() / 8  # many ties
+    idxs = torch.randint(0, num_groups, (90,), generator=torch.Generator().manual_seed(13)) * 7 - 20
+    assert batched_nms(boxes, scores, idxs, 0.3).tolist() == brute_nms(boxes, scores, 0.3, idxs.tolist())
+
+
 def test_nms_empty_and_degenerate():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).dtype == torch.int64

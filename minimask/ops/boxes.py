@@ -83,25 +83,31 @@ def _check_nms_args(boxes: Tensor, scores: Tensor) -> None:
 
 
 def _greedy_nms(boxes: Tensor, iou_threshold: float, groups: Tensor | None) -> Tensor:
-    """Greedy NMS over boxes already sorted by decreasing score; returns a (N,) bool mask of the kept boxes.
+    """Greedy NMS over boxes already sorted by decreasing score (and, with `groups`, grouped: each group's boxes
+    contiguous, by decreasing score within it); returns a (N,) bool mask of the kept boxes.
 
-    Box i is kept unless a kept box j < i overlaps it with IoU > iou_threshold (and, with `groups`, has the same
-    group). Blocked algorithm: boxes are visited a tile at a time; a tile is first tested against every box kept
-    so far (one (T, K) IoU matrix on the boxes' device), and only then resolved internally by the inherently
-    sequential greedy scan, which runs on the CPU over a small (T, T) "suppresses" matrix. This computes IoU only
-    against kept boxes, O(N * (K + T)) instead of O(N^2), and syncs with the device once per tile.
+    Box i is kept unless a kept box j < i of the same group overlaps it with IoU > iou_threshold. Blocked
+    algorithm: boxes are visited a tile at a time; a tile is first tested against the boxes kept so far that can
+    suppress it (one (T, K) IoU matrix on the boxes' device; with groups, only the kept boxes of the tile's first
+    group, since every later group of the tile starts inside it), and only then resolved internally by the
+    inherently sequential greedy scan, which runs on the CPU over a small (T, T) "suppresses" matrix. IoU is
+    computed only against kept boxes, O(N * (K + T)) instead of O(N^2), and the device is synced once per tile.
     """
     n = boxes.shape[0]
     keep = torch.zeros(n, dtype=torch.bool)
     kept = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    if groups is not None:  # first index of each box's group (one transfer; groups are sorted)
+        group_ids = groups.cpu()
+        group_first = torch.searchsorted(group_ids, group_ids).tolist()
     for start in range(0, n, _NMS_TILE):
         stop = min(start + _NMS_TILE, n)
         tile = boxes[start:stop]  # (T, 4)
-        prev = kept[:start]
+        window = 0 if groups is None else group_first[start]  # earlier boxes that may share a group with the tile
+        earlier = boxes[window:start][kept[window:start]]  # (K, 4)
         # Removed by an earlier kept box?
-        hits = _pairwise_iou(tile, boxes[:start][prev]) > iou_threshold  # (T, K)
+        hits = _pairwise_iou(tile, earlier) > iou_threshold  # (T, K)
         if groups is not None:
-            hits &= groups[start:stop, None] == groups[:start][prev][None, :]
+            hits &= groups[start:stop, None] == groups[window:start][kept[window:start]][None, :]
         alive = (~hits.any(dim=1)).cpu().numpy()  # (T,)
         # suppresses[i, j]: tile box i removes tile box j if i is kept. Only j > i counts (a box never removes itself
         # or a higher-scoring box), hence the strict upper triangle.
@@ -149,5 +155,11 @@ def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, groups: Tensor | N
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices  # (N,)
-    keep = _greedy_nms(boxes[order], iou_threshold, None if groups is None else groups[order])
-    return order[keep.to(order.device)]
+    if groups is None:
+        return order[_greedy_nms(boxes[order], iou_threshold, None).to(order.device)]
+    # Group-major order (by decreasing score within a group), so that a box meets only its own group's kept boxes;
+    # then back to decreasing score over all groups, ties in input order.
+    order = order[torch.sort(groups[order], stable=True).indices]  # (N,)
+    keep = order[_greedy_nms(boxes[order], iou_threshold, groups[order]).to(order.device)]  # (K,)
+    keep = keep.sort().values
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
