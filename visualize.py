@@ -1,0 +1,155 @@
+"""Draw a minimask model's detections (boxes, labels, scores, masks, keypoint skeletons) on images and write PNGs
+(minimask/visualize.py does the drawing).
+
+    python visualize.py --weights model_final.pth --images a.jpg b.png --output vis/
+    python visualize.py --weights model_final.pth --data synthetic --split val --num 8 --output vis/
+    python visualize.py --weights maskrcnn_resnet50_fpn.pth --config torchvision_maskrcnn_r50_fpn --images a.jpg \
+        --output vis/ --score-threshold 0.7 --device cuda
+
+The model comes from `minimask.from_checkpoint` (a minimask training checkpoint carries its config; --config
+overrides it, and a bare state dict needs it). Images are resized as the model's test pipeline does (shorter side
+input.min_size_test, longer side at most input.max_size_test) and drawn at that size. --data takes "synthetic" or
+a COCO-layout root, as evaluate.py does; its first --num images are drawn. Bad input: one line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import minimask
+from evaluate import UsageError, _Parser, _require_file, select_device
+from minimask.runtime import ensure_writable_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="checkpoint .pth (minimask or torchvision detection)")
+    p.add_argument("--config", help="model preset, overriding the checkpoint's own config")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", metavar="IMAGE", help="image files to draw detections on")
+    source.add_argument("--data", help="'synthetic' or a COCO-layout root (annotations/ + split folders)")
+    p.add_argument("--split", help="split of --data (default: val)")
+    p.add_argument("--num", type=_positive_int, help="how many --data images to draw (default: 8)")
+    p.add_argument("--output", required=True, help="folder for the PNGs")
+    p.add_argument("--score-threshold", type=_probability, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def prepare(args) -> dict:
+    """Model, dataset and device, validated before any inference (UsageError / ValueError / OSError)."""
+    from minimask.checkpoint import CheckpointError, load_checkpoint
+    from minimask.data.transforms import build_transforms
+    from minimask.model_zoo import config_from_dict
+
+    ensure_writable_dir(args.output)
+    _require_file(args.weights, "--weights")
+    for path in args.images or ():
+        _require_file(path, "--images")
+    if args.images and (args.split or args.num):
+        raise UsageError("--split and --num apply to --data only")
+    try:
+        raw = load_checkpoint(args.weights)  # for the config and label map a training checkpoint carries
+        model = minimask.from_checkpoint(args.weights, config=args.config)
+    except CheckpointError as e:
+        raise ValueError(f"--weights: {e}") from None
+    if args.config:
+        cfg = minimask.get_config(args.config)
+    elif isinstance(raw.get("config"), dict):
+        cfg = config_from_dict(raw["config"])
+    else:  # a torchvision file: from_checkpoint picked its preset; all use the default test sizes
+        cfg = minimask.Config()
+    transforms = build_transforms(min_sizes=cfg.input.min_size_test, max_size=cfg.input.max_size_test,
+                                  flip=False, train=False)
+    _, _, device = select_device(args.device)
+    if args.images:
+        names = (raw.get("label_map") or {}).get("category_names")
+        dataset = ImageFiles(args.images, transforms, names)
+        indices = range(len(dataset))
+    else:
+        dataset = load_split(args.data, args.split or "val", transforms, keypoints=model.num_keypoints > 0)
+        indices = range(min(args.num or 8, len(dataset)))
+    return dict(model=model.to(device), dataset=dataset, indices=indices, out_dir=args.output, device=device,
+                score_threshold=args.score_threshold)
+
+
+class ImageFiles:
+    """Image files as a dataset for `save_visualizations`: item i is (image, {"image_id": its file name stem})."""
+
+    def __init__(self, paths: list[str], transforms, category_names=None):
+        from minimask.data.coco import load_image
+
+        self.paths, self.transforms, self._load = [Path(p) for p in paths], transforms, load_image
+        self.category_names = category_names  # with no category_ids: label k is category_names[k - 1]
+        stems = [p.stem for p in self.paths]
+        self.stems = [s if stems.count(s) == 1 else f"{i}_{s}" for i, s in enumerate(stems)]  # unique file names
+        for path in self.paths:  # decode each once now: an unreadable image is an error before any inference
+            load_image(path)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = self._load(self.paths[i])
+        target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+        image, _ = self.transforms(image, target)
+        return image, {"image_id": self.stems[i]}
+
+
+def load_split(data: str, split: str, transforms, keypoints: bool):
+    """A CocoDetection of `split` in `data` ("synthetic" or a COCO-layout root; "val" / "train" name the root's
+    val2017 / train2017 where it has those)."""
+    from minimask.data.coco import CocoDetection, dataset_splits, split_paths
+
+    if split in ("train", "val"):
+        ann, images = dataset_splits(data, keypoints)[split]  # ValueError naming what is missing
+    elif data == "synthetic":
+        raise UsageError(f"--split: the synthetic set has the splits train and val, not {split!r}")
+    else:
+        ann, images = split_paths(data, split, keypoints)
+    _require_file(str(ann), "--data")
+    if not Path(images).is_dir():
+        raise UsageError(f"--data: no such image folder: {images}")
+    return CocoDetection(ann, images, transforms=transforms, filter_empty=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0, or 2 for bad input)."""
+    from minimask.visualize import save_visualizations
+
+    try:
+        args = build_parser().parse_args(argv)
+        paths = save_visualizations(**prepare(args))
+    except (UsageError, OSError, ValueError) as e:  # OSError: ImageLoadError (names the file), unwritable PNGs
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"visualize.py: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} image(s) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
