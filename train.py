@@ -44,6 +44,7 @@ from minimask.runtime import (StopRequest, autocast_context, code_version, descr
                               ensure_writable_dir, in_collective, last_line, to_device)
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
 from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.visualize import save_visualizations
 from minimask.weight_files import read_weights
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
                               load_initial_weights)
@@ -423,6 +424,10 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
     bar.close()
     if main_process:
         print(f"done: {s.max_iter} iterations; final model {output / 'model_final.pth'}")
+        if val_set is not None and len(val_set):  # a look at what the final model sees (no collectives: rank 0 only)
+            drawn = save_visualizations(model, val_set, range(min(4, len(val_set))), output / "vis", device=device,
+                                        score_threshold=0.5)
+            print(f"wrote {len(drawn)} images of the final model's detections to {output / 'vis'}")
     teardown(world_size)
     return 0
 

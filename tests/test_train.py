@@ -51,6 +51,8 @@ def test_run_writes_metrics_config_checkpoints_and_eval(finished_run):
     assert {"config.json", "metrics.jsonl", "model_0000002.pth", "model_final.pth", "loss.png", "ap.png"} <= {
         p.name for p in out.iterdir()}
     assert not (out / "model_0000004.pth").exists()  # the end of the run is model_final.pth
+    drawn = sorted((out / "vis").glob("*.png"))  # the final model's detections on the first val images
+    assert len(drawn) == 4 and all(p.stat().st_size > 0 for p in drawn)
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["train_subset"] == 6 and config["seed"] == 3 and config["solver"]["max_iter"] == 4
     assert config["model"]["roi_heads"]["num_classes"] == 6  # from the dataset, not the preset's 3
