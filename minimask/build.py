@@ -137,4 +137,7 @@ def build_model(cfg: Config) -> MaskRCNN:
         size_divisibility=m.size_divisibility,
         channels_last=m.channels_last,
     )
+    if m.compile_backbone:
+        model.backbone.compile()
+        model.fpn.compile()
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

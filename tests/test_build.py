@@ -147,3 +147,11 @@ def test_paper_presets_pass_and_the_frozen_bn_baseline_is_refused_under_random_i
         check_init_config(get_config(preset), "random")
     with pytest.raises(ValueError, match="model.backbone.norm=FrozenBN"):
         check_init_config(get_config("r50_fpn_frozenbn"), "random")
+
+
+def test_compile_backbone_compiles_in_place_and_keeps_parameter_names():
+    plain = minimask.build_model(minimask.get_config("tiny"))
+    compiled = minimask.build_model(minimask.get_config("tiny", ["model.compile_backbone=True"]))
+    assert compiled.backbone._compiled_call_impl is not None and compiled.fpn._compiled_call_impl is not None
+    assert plain.backbone._compiled_call_impl is None and plain.rpn._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints load either way
