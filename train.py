@@ -348,7 +348,7 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
             with autocast():
                 loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=all_reduce is None)  # in place keeps the all-reduce's bucket views
             (scaler.scale(losses) if scaler is not None else losses).backward()
             if all_reduce is not None:
                 all_reduce.finish()  # waits for the bucketed all-reduces and averages over processes

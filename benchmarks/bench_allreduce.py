@@ -3,12 +3,12 @@
     torchrun --nproc_per_node 2 benchmarks/bench_allreduce.py --config tiny --size 192 256     (CPU, gloo)
     torchrun --nproc_per_node 8 benchmarks/bench_allreduce.py --config r50_fpn_gn             (GPUs, NCCL)
 
-Every process holds two copies of the same model, one whose gradients are averaged by `GradientAllReduce`
-(bucketed all-reduces launched from gradient hooks during the backward pass) and one wrapped in DDP (same 25 MB
-buckets), plus the same batch of random images. Iterations alternate between the two (forward, backward,
-synchronisation; no optimizer step, so both stay at the same weights) and the median time per iteration of each is
-printed by rank 0, with the time of a third copy that is not synchronised at all as the floor. At the end both copies must hold the same averaged
-gradients. Run with the OMP_NUM_THREADS torchrun sets (1), or give each process its own cores.
+Every process holds copies of the same model: one whose gradients are averaged by `GradientAllReduce` (bucketed
+all-reduces launched from gradient hooks during the backward pass, gradients zeroed in place as train.py does),
+two wrapped in DDP (same 25 MB buckets; its default, and with `gradient_as_bucket_view=True`), and one not
+synchronised at all (the floor), plus the same batch of random images. Iterations rotate through the copies
+(forward, backward, synchronisation; no optimizer step, so all stay at the same weights) and rank 0 prints the
+median time per iteration of each. At the end ours and DDP's default must hold the same averaged gradients. Run with the OMP_NUM_THREADS torchrun sets (1), or give each process its own cores.
 """
 import argparse
 import copy
@@ -44,16 +44,16 @@ def main():
     torch.manual_seed(0)  # the same weights on every process
     cfg = minimask.get_config(args.config, args.overrides)
     ours = minimask.build_model(cfg).to(device).train()
-    theirs, plain = copy.deepcopy(ours), copy.deepcopy(ours)
+    theirs, theirs_view, plain = copy.deepcopy(ours), copy.deepcopy(ours), copy.deepcopy(ours)
     reducer = GradientAllReduce(ours.parameters(), bucket_mb=args.bucket_mb)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        theirs, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=args.bucket_mb,
-        find_unused_parameters=False)
+    ddp, ddp_view = (torch.nn.parallel.DistributedDataParallel(
+        m, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=args.bucket_mb,
+        find_unused_parameters=False, gradient_as_bucket_view=view) for m, view in ((theirs, False), (theirs_view, True)))
     images, targets = make_batch(cfg, args.batch, *args.size, device)
 
-    def step(model, finish=None):
-        torch.manual_seed(2 + info.rank)  # the same RoI sampling for both copies
-        model.zero_grad(set_to_none=True)
+    def step(model, finish=None, set_to_none=True):
+        torch.manual_seed(2 + info.rank)  # the same RoI sampling for every copy
+        model.zero_grad(set_to_none=set_to_none)  # in place where the gradients are bucket views
         sum(model(images, targets).values()).backward()
         if finish is not None:
             finish()
@@ -63,8 +63,8 @@ def main():
             torch.cuda.synchronize()
         dist.barrier()
 
-    modes = {"GradientAllReduce": lambda: step(ours, reducer.finish), "DDP": lambda: step(ddp),
-             "no synchronisation": lambda: step(plain)}
+    modes = {"GradientAllReduce": lambda: step(ours, reducer.finish, set_to_none=False), "DDP": lambda: step(ddp),
+             "DDP, bucket views": lambda: step(ddp_view, set_to_none=False), "no synchronisation": lambda: step(plain)}
     times = {name: [] for name in modes}
     for i in range(args.warmup + args.runs):
         for name, fn in modes.items():
@@ -74,7 +74,7 @@ def main():
             sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    step(ours, reducer.finish)
+    step(ours, reducer.finish, set_to_none=False)
     step(ddp)
     worst = max((a.grad - b.grad).abs().max().item() / max(b.grad.abs().max().item(), 1e-12)
                 for a, b in zip(ours.parameters(), theirs.parameters()) if b.grad is not None)

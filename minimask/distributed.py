@@ -141,19 +141,25 @@ def assign_buckets(params: list[Tensor], bucket_bytes: int) -> list[list[int]]:
 class GradientAllReduce:
     """Average gradients over ranks, overlapping the all-reduce with the backward pass (like DDP's reducer).
 
-    Usage per iteration: `optimizer.zero_grad(); loss.backward(); reducer.finish(); optimizer.step()`.
+    Usage per iteration: `optimizer.zero_grad(set_to_none=False); loss.backward(); reducer.finish();
+    optimizer.step()`.
+
+    Each bucket owns one flat buffer, and every parameter's `.grad` is a view into it (DDP's
+    `gradient_as_bucket_view`): the backward pass accumulates straight into the buffers and the all-reduce runs on
+    them in place, so gradients are never copied into or out of a bucket. Zeroing the gradients in place keeps the
+    views; a gradient that arrives as a new tensor (after `zero_grad(set_to_none=True)`) is copied into its view
+    once and the view put back, so either way of zeroing gives the same result.
 
     A post-accumulate-grad hook on every trainable parameter marks it ready; a bucket whose parameters are all ready
-    is flattened and `dist.all_reduce(async_op=True)` is launched. Buckets are launched strictly in bucket order
-    (bucket i only after buckets < i), so every rank issues the same sequence of collectives even if autograd
-    produces gradients in a slightly different order on different ranks. `finish()` gives a zero gradient to each
-    parameter whose gradient never arrived (unused on this rank in this iteration; a grad left from an earlier
-    backward is used as it is), launches the remaining buckets in order, waits, and writes the averages (sum /
-    world size) back into `.grad`.
+    launches `dist.all_reduce(async_op=True)`. Buckets are launched strictly in bucket order (bucket i only after
+    buckets < i), so every rank issues the same sequence of collectives even if autograd produces gradients in a
+    slightly different order on different ranks. `finish()` treats each parameter whose gradient never arrived
+    (unused on this rank in this iteration) as contributing what its `.grad` holds (zero after a zero_grad),
+    launches the remaining buckets in order, waits, and divides by the world size.
 
     Contract: all ranks hold the same parameters in the same order, call backward once per `finish()`, and either
-    use every parameter or rely on the zero-fill above. Single process (no group or world size 1): no hooks at all,
-    `finish()` does nothing.
+    use every parameter or rely on the zero-fill above. Single process (no group or world size 1): no hooks, no
+    buffers, `finish()` does nothing.
     """
 
     def __init__(self, params, bucket_mb: float = 25):
@@ -164,22 +170,39 @@ class GradientAllReduce:
         self.buckets = assign_buckets(self.params, int(bucket_mb * 2**20))
         self.world_size = get_world_size()
         self._bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
-        self._hooks = []
+        self._hooks, self._flats, self._views = [], [], [None] * len(self.params)
         if self.world_size > 1:
+            for bucket in self.buckets:
+                first = self.params[bucket[0]]
+                flat = torch.zeros(sum(self.params[i].numel() for i in bucket), dtype=first.dtype, device=first.device)
+                for i, view in zip(bucket, flat.split([self.params[i].numel() for i in bucket])):
+                    self._views[i] = view.view_as(self.params[i])
+                self._flats.append(flat)
             for i, p in enumerate(self.params):
+                self._attach(i)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
         self._reset()
+
+    def _attach(self, index: int) -> None:
+        """Make the parameter's .grad its bucket view again, keeping the gradient it holds (None counts as 0)."""
+        p, view = self.params[index], self._views[index]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        p.grad = view
 
     def _reset(self) -> None:
         self._arrived = [False] * len(self.params)
         self._missing = [len(bucket) for bucket in self.buckets]  # params of each bucket still without a grad
         self._next = 0  # the next bucket to launch
-        self._pending: list[tuple[list[int], Tensor, object]] = []  # (indices, flat buffer, work handle)
+        self._pending: list[tuple[int, object]] = []  # (bucket, work handle)
 
     def _make_hook(self, index: int):
         def hook(param: Tensor) -> None:
             if self._arrived[index]:
                 raise RuntimeError("GradientAllReduce: a second backward ran before finish()")
+            self._attach(index)
             self._arrived[index] = True
             self._missing[self._bucket_of[index]] -= 1
             self._launch_ready()
@@ -187,31 +210,26 @@ class GradientAllReduce:
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and self._missing[self._next] == 0:
-            indices = self.buckets[self._next]
-            flat = torch.cat([self.params[i].grad.reshape(-1) for i in indices])  # (sum of numels,)
-            self._pending.append((indices, flat, dist.all_reduce(flat, async_op=True)))
+            self._pending.append((self._next, dist.all_reduce(self._flats[self._next], async_op=True)))
             self._next += 1
 
     def finish(self) -> None:
-        """Wait for every bucket and write the averaged gradients back; then reset for the next iteration."""
+        """Wait for every bucket and average the gradients in place; then reset for the next iteration."""
         if self.world_size == 1:
             return
-        for i, p in enumerate(self.params):
-            if not self._arrived[i]:  # unused here: contribute zeros so the collectives stay identical on all ranks
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        for i in range(len(self.params)):
+            if not self._arrived[i]:  # unused here: contribute its .grad (zeros) so all ranks run the same collectives
+                self._attach(i)
                 self._arrived[i] = True
                 self._missing[self._bucket_of[i]] -= 1
         self._launch_ready()
-        for indices, flat, work in self._pending:
+        for b, work in self._pending:
             work.wait()
-            flat /= self.world_size
-            for i, g in zip(indices, flat.split([self.params[i].numel() for i in indices])):
-                self.params[i].grad.copy_(g.view_as(self.params[i].grad))
+            self._flats[b].div_(self.world_size)
         self._reset()
 
     def remove(self) -> None:
-        """Remove the hooks (the module then trains without gradient averaging)."""
+        """Remove the hooks (the module then trains without gradient averaging; .grad stays in the buffers)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []

@@ -139,8 +139,18 @@ def _worker(rank, world_size, port, out_dir, overrides, empty_b):
     sum(losses.values()).backward()
     reducer.finish()
     logged = D.reduce_dict_mean(losses)
-    torch.save({"grads": _grads(model), "params": {n: p.detach() for n, p in model.named_parameters()},
-                "logged": logged, "buckets": len(reducer.buckets)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    first = _grads(model)
+    repeats_equal = []
+    for set_to_none in (True, False):  # the gradients live in bucket views; either way of zeroing must work
+        model.zero_grad(set_to_none=set_to_none)
+        torch.manual_seed(1000)
+        sum(model(images[rank:rank + 1], targets[rank:rank + 1]).values()).backward()
+        reducer.finish()
+        repeats_equal.append(_grads(model).keys() == first.keys() and all(
+            torch.equal(g, first[n]) for n, g in _grads(model).items()))
+    torch.save({"grads": first, "params": {n: p.detach() for n, p in model.named_parameters()},
+                "logged": logged, "buckets": len(reducer.buckets), "repeats_equal": repeats_equal},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     D.barrier()
     torch.distributed.destroy_process_group()
 
@@ -189,6 +199,7 @@ def _check_against_global_batch(tmp_path, overrides, empty_b=False):
     for name, p in model.named_parameters():  # broadcast made rank 1's init (seed 1) equal rank 0's (seed 0)
         assert torch.equal(results[1]["params"][name], p.detach()), name
     assert results[0]["buckets"] > 1
+    assert results[0]["repeats_equal"] == results[1]["repeats_equal"] == [True, True]
     for r in range(2):
         assert set(results[r]["grads"]) == set(ref)
         assert _max_rel_diff(results[r]["grads"], ref) < 1e-5
