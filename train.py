@@ -221,6 +221,10 @@ def prepare(args) -> dict:
     if list_checkpoints(output) and not args.resume:
         raise UsageError(f"--output {output} already holds checkpoints; pass --resume to continue that run, or "
                          f"choose another folder")
+    if dist_info.rank == 0:  # how the run started (not in config.json); the experiment collector reads it
+        (output / "run.json").write_text(json.dumps({
+            "init": args.init, "weights": str(Path(args.weights).resolve()) if args.weights else "",
+            "schedule": args.schedule or "", "iters": cfg.solver.max_iter, "steps": list(cfg.solver.steps)}) + "\n")
     torch.manual_seed(cfg.seed)  # the initialisation is a function of the seed
     full_train, train_set, val_set = build_datasets(cfg, keys, splits)
     model = minimask.build_model(cfg)

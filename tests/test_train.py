@@ -51,6 +51,8 @@ def test_run_writes_metrics_config_checkpoints_and_eval(finished_run):
     assert {"config.json", "metrics.jsonl", "model_0000002.pth", "model_final.pth", "loss.png", "ap.png"} <= {
         p.name for p in out.iterdir()}
     assert not (out / "model_0000004.pth").exists()  # the end of the run is model_final.pth
+    started = json.loads((out / "run.json").read_text())  # how the run started, for the experiment collector
+    assert started == {"init": "random", "weights": "", "schedule": "", "iters": 4, "steps": started["steps"]}
     drawn = sorted((out / "vis").glob("*.png"))  # the final model's detections on the first val images
     assert len(drawn) == 4 and all(p.stat().st_size > 0 for p in drawn)
     config = json.loads((out / "config.json").read_text())
