@@ -28,7 +28,7 @@ from pycocotools.coco import COCO
 import minimask
 from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
-from minimask.runtime import ensure_writable_dir
+from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, require_file
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
 TTA_MAX_SIZE = 4000  # detectron2 TEST.AUG.MAX_SIZE
@@ -39,17 +39,8 @@ RESULT_FIELDS = {  # what each results_<type>.json keeps (the type's key decides
 }
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage too; one line is asked for
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", help="score this COCO results file (JSON list) instead of running a model")
     p.add_argument("--ann", help="COCO annotation file (ground truth)")
     p.add_argument("--config", help=f"model preset ({', '.join(_presets())})")
@@ -103,8 +94,8 @@ def check_args(args) -> None:
         extra = [name for name, value in model_only.items() if value]
         if extra:
             raise UsageError(f"--results scores an existing file; it does not take {', '.join(extra)}")
-        _require_file(args.results, "--results")
-        _require_file(args.ann, "--ann")
+        require_file(args.results, "--results")
+        require_file(args.ann, "--ann")
         return
     if not args.config or not args.weights:
         raise UsageError("give --results FILE --ann FILE, or --config PRESET --weights CKPT with a dataset")
@@ -117,12 +108,7 @@ def check_args(args) -> None:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise UsageError(f"overrides must be key=value, got {bad[0]!r}")
-    _require_file(args.weights, "--weights")
-
-
-def _require_file(path: str, flag: str) -> None:
-    if not Path(path).is_file():
-        raise UsageError(f"{flag}: no such file: {path}")
+    require_file(args.weights, "--weights")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +185,7 @@ def prepare_model_run(args) -> dict:
         ann, images = dataset_splits(args.data, keypoints)["val"]  # ValueError naming what is missing
     else:
         ann, images = Path(args.ann), Path(args.images)
-    _require_file(str(ann), "--ann" if args.ann else "--data")
+    require_file(str(ann), "--ann" if args.ann else "--data")
     if not images.is_dir():
         raise UsageError(f"no such image folder: {images}")
 

@@ -39,24 +39,15 @@ from minimask.data.samplers import build_train_loader, consumed_samples
 from minimask.distributed import (GradientAllReduce, barrier, broadcast_parameters, init_distributed,
                                   reduce_dict_mean)
 from minimask.run_log import append_metrics, read_metrics, write_metrics
-from minimask.runtime import StopRequest, code_version, ensure_writable_dir
+from minimask.runtime import ArgumentParser, StopRequest, UsageError, code_version, ensure_writable_dir
 from minimask.solver import build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
 
 EXIT_DIVERGED, EXIT_USAGE = 1, 2
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1  # ImageNet ResNet recipe (He et al. 2016; Goyal et al. 2017)
 
 
-class UsageError(Exception):
-    """Bad command-line input: one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="r50_fpn_gn", help="detector preset whose backbone is pre-trained")
     p.add_argument("--data", required=True, help="ImageNet-layout root: train/<class>/*, val/<class>/* (optional)")
     p.add_argument("--iters", type=int, default=1000, help="iterations")

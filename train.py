@@ -40,8 +40,8 @@ from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, br
                                   reduce_dict_mean)
 from minimask.norm import recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
-from minimask.runtime import (StopRequest, autocast_context, code_version, describe_divergence,
-                              ensure_writable_dir, in_collective, last_line, to_device)
+from minimask.runtime import (ArgumentParser, StopRequest, UsageError, autocast_context, code_version,
+                              describe_divergence, ensure_writable_dir, in_collective, last_line, to_device)
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
 from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, scaled_lr
 from minimask.visualize import save_visualizations
@@ -55,17 +55,8 @@ EXIT_PEER_LOST = 3
 PRECISE_BN_STREAM = 7  # precise BN draws its batches from the sample stream of base seed derive_seed(seed, 7, iter)
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the usage too; one line is asked for
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="r50_fpn_gn", help=f"preset ({', '.join(PRESETS)})")
     p.add_argument("--data", help="COCO root (annotations/ + train2017/ + val2017/), a synthetic root "
                    "(annotations/instances_{train,val}.json + train/ + val/), or 'synthetic' (default: data.train)")

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 import minimask
-from evaluate import UsageError, _Parser, _require_file, select_device
-from minimask.runtime import ensure_writable_dir
+from evaluate import select_device
+from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint .pth (minimask or torchvision detection)")
     p.add_argument("--config", help="model preset, overriding the checkpoint's own config")
     source = p.add_mutually_exclusive_group(required=True)
@@ -66,9 +66,9 @@ def prepare(args) -> dict:
     from minimask.model_zoo import config_from_dict
 
     ensure_writable_dir(args.output)
-    _require_file(args.weights, "--weights")
+    require_file(args.weights, "--weights")
     for path in args.images or ():
-        _require_file(path, "--images")
+        require_file(path, "--images")
     if args.images and (args.split or args.num):
         raise UsageError("--split and --num apply to --data only")
     try:
@@ -130,7 +130,7 @@ def load_split(data: str, split: str, transforms, keypoints: bool):
         raise UsageError(f"--split: the synthetic set has the splits train and val, not {split!r}")
     else:
         ann, images = split_paths(data, split, keypoints)
-    _require_file(str(ann), "--data")
+    require_file(str(ann), "--data")
     if not Path(images).is_dir():
         raise UsageError(f"--data: no such image folder: {images}")
     return CocoDetection(ann, images, transforms=transforms, filter_empty=False)

@@ -1,9 +1,10 @@
-"""Plumbing a long training run needs around its loop (train.py): preemption signals, mixed precision, moving a
-batch to the device, the code version stamped into every checkpoint, and the wording of fatal errors (a failed
-collective, a non-finite loss or gradient).
+"""Plumbing the command-line scripts share (train.py, evaluate.py, pretrain.py, visualize.py): one-line usage
+errors, preemption signals, mixed precision, moving a batch to the device, the code version stamped into every
+checkpoint, and the wording of fatal errors (a failed collective, a non-finite loss or gradient).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -12,6 +13,23 @@ import threading
 from pathlib import Path
 
 import torch
+
+
+class UsageError(Exception):
+    """Bad command-line input: the scripts report it as one line on stderr and exit with code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with errors raised as UsageError (argparse would print the whole usage; one line is asked for)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def require_file(path: str, flag: str) -> None:
+    """UsageError naming `flag` unless `path` is an existing file."""
+    if not Path(path).is_file():
+        raise UsageError(f"{flag}: no such file: {path}")
 
 
 class StopRequest:
