@@ -6,6 +6,14 @@
 Random images with a few random boxes (and box-filled masks / keypoints where the preset has those heads); a few
 warm-up iterations, then the median of the timed ones. Peak memory is CUDA max-allocated on a GPU and the process's
 peak resident set size (ru_maxrss, which includes everything the process touched before) on the CPU.
+
+`--stages` adds a split of the time by stage, measured in separate runs (each stage boundary synchronises the GPU,
+which the headline figures avoid): backbone + FPN, RPN, RoIAlign, the box / mask / keypoint heads, and the
+post-processing (box decoding + NMS, mask pasting, keypoint decoding); in training the backward pass + SGD step is
+one more stage and the forward rows are the forward pass only. `--detections N` makes
+inference return N detections per image: the classifier biases of up to four classes are raised above the others
+(as in a trained model, a few thousand candidates pass the 0.05 score threshold), so that NMS, mask pasting and
+keypoint decoding work at full load.
 """
 import argparse
 import json
@@ -45,6 +53,17 @@ def make_batch(cfg, batch, height, width, device, num_objects=4):
     return images, targets
 
 
+@torch.no_grad()
+def raise_class_scores(model, classes=(1, 2, 3, 4)):
+    """Background and most classes at bias -2, a few at +3: with random weights, every proposal then scores above
+    the threshold for those classes, as a trained model's confident proposals do."""
+    for module in model.modules():
+        if hasattr(module, "cls_score"):
+            bias = module.cls_score.bias
+            bias.fill_(-2.0)
+            bias[[c for c in classes if c < bias.shape[0]]] = 3.0
+
+
 def timed(fn, device, warmup, runs):
     for _ in range(warmup):
         fn()
@@ -58,6 +77,82 @@ def timed(fn, device, warmup, runs):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class StageTimer:
+    """Seconds spent per stage, by forward hooks on the model's parts and by wrapping the post-processing functions
+    where `minimask.roi_heads` calls them. Stages do not overlap; time outside all of them is "other" (input
+    normalisation and padding, proposal sampling, target building, loss functions)."""
+
+    MODULES = {"backbone": "backbone+fpn", "fpn": "backbone+fpn", "rpn": "rpn", "box_head": "box_head",
+               "box_predictor": "box_head", "box_heads": "box_head", "box_predictors": "box_head",
+               "mask_head": "mask_head", "keypoint_head": "keypoint_head"}
+    FUNCTIONS = {"multiscale_roi_align": "roi_align", "fast_rcnn_inference": "postprocess_boxes",
+                 "paste_masks": "postprocess_masks", "paste_masks_legacy": "postprocess_masks",
+                 "heatmaps_to_keypoints": "postprocess_keypoints"}
+
+    def __init__(self, model, device):
+        from minimask import roi_heads
+        self.device, self.seconds, self._start = device, {}, None
+        self._patched = []
+        for name, stage in self.MODULES.items():
+            for module in self._find(model, name):
+                module.register_forward_pre_hook(lambda *_, s=stage: self._enter(s))
+                module.register_forward_hook(lambda *_, s=stage: self._exit(s))
+        for name, stage in self.FUNCTIONS.items():
+            original = getattr(roi_heads, name)
+            self._patched.append((roi_heads, name, original))
+            setattr(roi_heads, name, self._wrap(original, stage))
+
+    @staticmethod
+    def _find(model, name):
+        for attr in (name, f"roi_heads.{name}"):
+            obj = model
+            for part in attr.split("."):
+                obj = getattr(obj, part, None)
+            if obj is not None:
+                return list(obj) if isinstance(obj, torch.nn.ModuleList) else [obj]
+        return []
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _enter(self, stage):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _exit(self, stage):
+        self._sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - self._start
+
+    def _wrap(self, fn, stage):
+        def timed_fn(*args, **kwargs):
+            self._enter(stage)
+            out = fn(*args, **kwargs)
+            self._exit(stage)
+            return out
+        return timed_fn
+
+    def measure(self, fn, runs):
+        """Median over `runs` calls of each stage's seconds, plus "other" and "total"."""
+        per_run = []
+        for _ in range(runs):
+            self.seconds = {}
+            self._sync()
+            start = time.perf_counter()
+            extra = fn(self) or {}
+            self._sync()
+            total = time.perf_counter() - start
+            row = {**self.seconds, **extra}
+            row["other"] = total - sum(row.values())
+            row["total"] = total
+            per_run.append(row)
+        return {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in per_run[0]}
+
+    def remove(self):
+        for owner, name, original in self._patched:
+            setattr(owner, name, original)
 
 
 def peak_memory_mb(device):
@@ -74,14 +169,24 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--stages", action="store_true", help="also split the time by stage (separate runs)")
+    parser.add_argument("--detections", type=int, help="raise a few classes' scores so that inference returns this "
+                        "many detections per image")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.detections:
+        args.overrides += [f"model.roi_heads.detections_per_image={args.detections}"]
     cfg = minimask.get_config(args.config, args.overrides)
     model = minimask.build_model(cfg).to(device)
+    if args.detections:
+        raise_class_scores(model)
     images, targets = make_batch(cfg, args.batch, *args.size, device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
@@ -93,22 +198,47 @@ def main():
 
     @torch.no_grad()
     def infer():
-        model(images)
+        return model(images)
 
     model.train()
     train_s = timed(train_step, device, args.warmup, args.runs)
     model.eval()
     infer_s = timed(infer, device, args.warmup, args.runs)
+    detections = sum(len(d["boxes"]) for d in infer()) / args.batch
     result = {
         "config": args.config, "size": list(args.size), "batch": args.batch, "device": str(device),
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_s_per_image": train_s / args.batch, "infer_s_per_image": infer_s / args.batch,
-        "peak_memory_mb": peak_memory_mb(device),
+        "detections_per_image": detections, "peak_memory_mb": peak_memory_mb(device),
     }
+    if args.stages:
+        timer = StageTimer(model, device)
+
+        def train_stages(t):
+            model.train()
+            losses = model(images, targets)
+            t._enter("backward+step")
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            t._exit("backward+step")
+
+        @torch.no_grad()
+        def infer_stages(t):
+            model.eval()
+            model(images)
+
+        result["train_stages_s"] = timer.measure(train_stages, args.runs)
+        result["infer_stages_s"] = timer.measure(infer_stages, args.runs)
+        timer.remove()
     for key, value in result.items():
-        print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+        if isinstance(value, dict):
+            total = value["total"]
+            print(f"{key:>18}: " + ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in value.items()))
+        else:
+            print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
