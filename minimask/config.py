@@ -249,6 +249,32 @@ _TORCHVISION_KEYPOINT = _TORCHVISION + [
     "model.keypoint_head.score=logit", "input.min_size_train=(640, 672, 704, 736, 768, 800)",
 ]  # TV keypointrcnn_resnet50_fpn: person only, 17 keypoints, heatmap-logit keypoint scores
 
+# detectron2 model-zoo presets, named d2_<config file name> (minimask/detectron2_format.py loads their checkpoints).
+# Inference follows minimask's defaults (= D2); these set what each yaml changes: norms, pixel std (1 unless the
+# yaml sets the ImageNet std), stride_in_1x1, frozen stages, heads, and its multi-scale training sizes.
+_D2_SIZES = ["input.min_size_train=(640, 672, 704, 736, 768, 800)"]  # D2 Base-RCNN-FPN.yaml
+_D2_9X = ["solver.batch_size=64", "solver.base_lr=0.08", "solver.max_iter=202500", "solver.steps=(187500, 197500)",
+          "solver.eval_period=2500"]  # D2 scratch_*_9x_*.yaml (4x the batch, 9x the epochs)
+_D2_FROZENBN = _FROZENBN_2FC + _D2_SIZES  # D2 mask_rcnn_R_50_FPN_3x.yaml: MSRA ImageNet init, FrozenBN, 2fc
+_D2_GN = ["model.pixel_std=(1.0, 1.0, 1.0)"] + _D2_SIZES  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml (std 1, as C2)
+_D2_SYNCBN = _SYNCBN + _D2_SIZES  # D2 mask_rcnn_R_50_FPN_3x_syncbn.yaml
+_D2_PRESETS = {
+    "d2_mask_rcnn_R_50_FPN_3x": _D2_FROZENBN,
+    "d2_mask_rcnn_R_101_FPN_3x": _D2_FROZENBN + ["model.backbone.depth=101"],
+    "d2_faster_rcnn_R_50_FPN_3x": _D2_FROZENBN + ["model.mask_head.enabled=False"],
+    "d2_faster_rcnn_R_101_FPN_3x": _D2_FROZENBN + ["model.mask_head.enabled=False", "model.backbone.depth=101"],
+    "d2_keypoint_rcnn_R_50_FPN_3x": _D2_FROZENBN + _KEYPOINT,
+    "d2_keypoint_rcnn_R_101_FPN_3x": _D2_FROZENBN + _KEYPOINT + ["model.backbone.depth=101"],
+    "d2_cascade_mask_rcnn_R_50_FPN_3x": _D2_FROZENBN + [
+        "model.cascade.enabled=True", "model.box_head.class_agnostic=True", "model.rpn.post_nms_topk_train=2000"],
+    "d2_mask_rcnn_R_50_FPN_3x_gn": _D2_GN + ["model.backbone.freeze_at=2"],
+    "d2_scratch_mask_rcnn_R_50_FPN_3x_gn": _D2_GN,  # FREEZE_AT 0, std still 1
+    "d2_scratch_mask_rcnn_R_50_FPN_9x_gn": _D2_SIZES + _D2_9X,  # ImageNet std: minimask's defaults
+    "d2_mask_rcnn_R_50_FPN_3x_syncbn": _D2_SYNCBN + [
+        "model.backbone.stride_in_1x1=True", "model.backbone.freeze_at=2", "model.pixel_std=(1.0, 1.0, 1.0)"],
+    "d2_scratch_mask_rcnn_R_50_FPN_9x_syncbn": _D2_SYNCBN + _D2_9X,
+}
+
 PRESETS: dict[str, list[str]] = {
     "r50_fpn_gn": [],
     "r101_fpn_gn": ["model.backbone.depth=101"],
@@ -266,6 +292,7 @@ PRESETS: dict[str, list[str]] = {
     "torchvision_maskrcnn_r50_fpn": _TORCHVISION,
     "torchvision_maskrcnn_r50_fpn_v2": _TORCHVISION_V2,
     "torchvision_keypointrcnn_r50_fpn": _TORCHVISION_KEYPOINT,
+    **_D2_PRESETS,
 }
 
 

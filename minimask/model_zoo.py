@@ -4,6 +4,7 @@ torchvision's `maskrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn_v2` and `keypointr
 renamed to minimask's module names and loaded into the presets `torchvision_maskrcnn_r50_fpn`, `..._v2` and
 `torchvision_keypointrcnn_r50_fpn` (minimask/config.py), which reproduce torchvision's inference and training
 conventions (reference spec sections 3-6, "TV"). Nothing here imports torchvision: a checkpoint is a dict of tensors.
+detectron2 checkpoints are converted by `minimask.detectron2_format` into the d2_* presets.
 
 Class layout: torchvision predicts K + 1 classes with column 0 = background, like minimask, but also regresses a box
 (and predicts a mask) for the background class; those rows are dropped, so label k (1..K) keeps its meaning. For
@@ -13,12 +14,15 @@ e.g. 12 and 26, are predicted by no trained model), so `category_ids` = 1..90.
     model = from_checkpoint("maskrcnn_resnet50_fpn_coco.pth")        # format and preset detected from the keys
     model = from_checkpoint("model_final.pth")                          # minimask training checkpoint (has config)
     model = from_checkpoint("weights.pth", config="r50_fpn_gn")        # a bare minimask state dict needs config=
+    model = from_checkpoint("model_final_f10217.pkl")                   # detectron2 mask_rcnn_R_50_FPN_3x
+    model = from_checkpoint("model_final_gn.pkl", config="d2_mask_rcnn_R_50_FPN_3x_gn")  # GN: file cannot tell
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+import zipfile
 
 import torch
 from torch import Tensor
@@ -26,7 +30,10 @@ from torch import Tensor
 from minimask.build import build_model
 from minimask.checkpoint import load_checkpoint
 from minimask.config import Config, apply_override, get_config
+from minimask.detectron2_format import candidate_presets, convert_detectron2_detection, is_detectron2_detection
+from minimask.detectron2_format import num_classes as d2_num_classes
 from minimask.mask_rcnn import MaskRCNN
+from minimask.weight_files import read_weights
 
 TORCHVISION_PRESETS = ("torchvision_maskrcnn_r50_fpn", "torchvision_maskrcnn_r50_fpn_v2",
                        "torchvision_keypointrcnn_r50_fpn")
@@ -155,13 +162,24 @@ def _resolve_config(config) -> Config:
     raise ValueError(f"config must be a preset name, a Config or a config dict, got {type(config).__name__}")
 
 
+def _is_plain_pickle(path) -> bool:
+    """A pickle (protocol >= 2 starts with 0x80) that is not a torch zip archive."""
+    if not os.path.isfile(path) or zipfile.is_zipfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def read_checkpoint(path: str | os.PathLike, config=None) -> tuple[dict[str, Tensor], Config]:
     """The minimask state dict in `path` and the Config of the model it fits (see `from_checkpoint`)."""
-    raw = load_checkpoint(path)
     config_in_file = None
-    state = raw
-    if isinstance(raw.get("model"), dict):  # a minimask training checkpoint: {"model": ..., "config": ...}
-        state, config_in_file = raw["model"], raw.get("config")
+    if _is_plain_pickle(path):  # a detectron2 model-zoo .pkl: only through the restricted unpickler
+        state, _ = read_weights(path)
+    else:
+        raw = load_checkpoint(path)
+        state = raw
+        if isinstance(raw.get("model"), dict):  # minimask: {"model", "config", ...}; detectron2: {"model", ...}
+            state, config_in_file = raw["model"], raw.get("config")
     if not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict (a dict of tensors, or one under 'model')")
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -184,6 +202,8 @@ def read_checkpoint(path: str | os.PathLike, config=None) -> tuple[dict[str, Ten
                          "category_ids": torch.arange(1, cfg.model.roi_heads.num_classes + 1)}
         state.update({k: v for k, v in model_buffers.items() if k not in state})
         return state, cfg
+    if is_detectron2_detection(state):
+        return _read_detectron2(path, state, config)
     if "backbone.conv1.weight" in state and "rpn.head.objectness_logits.weight" in state:  # minimask's own names
         if config is not None:
             return state, _resolve_config(config)
@@ -191,15 +211,40 @@ def read_checkpoint(path: str | os.PathLike, config=None) -> tuple[dict[str, Ten
             return state, config_from_dict(config_in_file)
         raise ValueError(f"{path} is a minimask state dict without its config: the file cannot tell which preset "
                          "it needs; pass config= (a preset name or Config)")
-    raise ValueError(f"{path}: unrecognised checkpoint format (neither minimask nor torchvision detection keys)")
+    raise ValueError(f"{path}: unrecognised checkpoint format (not minimask, torchvision or detectron2 detection "
+                     "keys)")
+
+
+def _read_detectron2(path, state: dict, config) -> tuple[dict[str, Tensor], Config]:
+    """A detectron2 state dict converted, with the d2_* preset its layout determines (see detectron2_format)."""
+    converted = convert_detectron2_detection(state)
+    candidates = candidate_presets(state)
+    if config is not None:
+        cfg = _resolve_config(config)
+    elif len(candidates) == 1:
+        cfg = get_config(candidates[0])
+        k = d2_num_classes(state)
+        if k != cfg.model.roi_heads.num_classes:  # a fine-tuned detectron2 model: the file tells K
+            apply_override(cfg, f"model.roi_heads.num_classes={k}")
+    else:
+        what = (f"fits {len(candidates)} presets ({', '.join(candidates)}) that differ in what the file does not "
+                "store (pixel mean/std, stride_in_1x1, frozen stages)") if candidates else "fits no d2_* preset"
+        raise ValueError(f"{path} is a detectron2 checkpoint that {what}; pass config= (a preset name or Config) "
+                         "for the model it was trained as")
+    # detectron2 files lack the normalisation buffers (persistent=False there): the config defines them.
+    converted.update({"pixel_mean": torch.tensor(cfg.model.pixel_mean).view(3, 1, 1),
+                      "pixel_std": torch.tensor(cfg.model.pixel_std).view(3, 1, 1)})
+    return converted, cfg
 
 
 def from_checkpoint(path: str | os.PathLike, config=None) -> MaskRCNN:
     """Build the model a checkpoint needs and load its weights (strictly); returned in eval mode on the CPU.
 
     Formats: a minimask training checkpoint ({"model", "config", ...}: its own config), a bare minimask state dict
-    (needs `config`), or a torchvision detection state dict (the matching torchvision_* preset, with the class
-    count read from the file). `config` (a preset name, a Config, or a config dict) overrides the detected one.
+    (needs `config`), a torchvision detection state dict (the matching torchvision_* preset, with the class
+    count read from the file), or a detectron2 checkpoint (.pkl or .pth; the d2_* preset its layout determines,
+    see `minimask.detectron2_format`; GN and SyncBN files fit several presets and need `config`). `config` (a
+    preset name, a Config, or a config dict) overrides the detected one.
     Raises ValueError when the file cannot tell which preset it needs and no config is given, and when the
     weights do not fit the model.
     """

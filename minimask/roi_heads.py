@@ -193,6 +193,9 @@ class RoIHeads(nn.Module):
             boxes_i, scores_i, labels_i, _ = fast_rcnn_inference(
                 probs_i, boxes_i, size, self.score_thresh, self.nms_thresh, self.detections_per_image,
                 min_size=self.min_box_size)
+            # detectron2 `detector_postprocess`: a box clipped to zero width or height is dropped, after the top-k.
+            nonempty = (boxes_i[:, 2] > boxes_i[:, 0]) & (boxes_i[:, 3] > boxes_i[:, 1])  # (N,)
+            boxes_i, scores_i, labels_i = boxes_i[nonempty], scores_i[nonempty], labels_i[nonempty]
             detections.append({"boxes": boxes_i, "labels": labels_i, "scores": scores_i})
         if self.mask_head is not None:
             self._add_masks(features, detections, image_sizes)  # on the final boxes only (Sec. 3, "Inference")

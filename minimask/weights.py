@@ -96,6 +96,9 @@ def imagenet_conventions(fmt: str, state: dict) -> dict:
     TUPLE of the norms that can hold these weights, the first being the one to use when the config's is not
     among them. `state` is the file's state as `read_weights` returns it.
     """
+    if fmt == "detectron2":
+        raise ValueError("this is a detectron2 detection checkpoint, not ImageNet weights: use --init checkpoint "
+                         "with the d2_* preset it was trained as")
     if fmt not in FORMATS:
         raise ValueError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
     renamed = _rename(state, fmt)
@@ -376,8 +379,9 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
 
     imagenet: the model must already follow the weights' conventions (`apply_imagenet_conventions` before
     `build_model`): a model whose pixel convention or stride placement differs is refused, then
-    `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, or a torchvision detection
-    checkpoint (renamed by minimask.model_zoo; build the matching torchvision_* preset), loaded strictly.
+    `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, or a torchvision or
+    detectron2 detection checkpoint (renamed by minimask.model_zoo / detectron2_format; build the matching
+    torchvision_* / d2_* preset), loaded strictly; the model keeps its own pixel_mean, pixel_std and category_ids.
     """
     if init not in ("imagenet", "checkpoint"):
         raise ValueError(f"load_initial_weights: --init {init!r} loads no weights")
@@ -401,12 +405,17 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
             raise ValueError(f"--weights {path}: {e}") from None
         report = f"ImageNet init from {path}: {report}"
     else:
+        from minimask.detectron2_format import convert_detectron2_detection
         from minimask.model_zoo import convert_torchvision_detection, is_torchvision_detection
 
+        kept = ("pixel_mean", "pixel_std", "category_ids")
         if is_torchvision_detection(state):  # e.g. maskrcnn_resnet50_fpn: renamed, the model keeps its buffers
             state, _ = convert_torchvision_detection(state)
-            kept = ("pixel_mean", "pixel_std", "category_ids")
             state = {**{k: v for k, v in model.state_dict().items() if k in kept}, **state}
+            fmt = "minimask"
+        elif fmt == "detectron2":  # a detectron2 model-zoo detector (build the matching d2_* preset)
+            state = convert_detectron2_detection(state)
+            state = {**state, **{k: v for k, v in model.state_dict().items() if k in kept}}
             fmt = "minimask"
         if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
             raise ValueError(f"--weights {path}: --init checkpoint needs a minimask detector checkpoint, this is "
