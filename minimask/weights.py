@@ -31,6 +31,9 @@ _BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weight
 _PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
 _D2_MEAN = (103.530, 116.280, 123.675)  # BGR 0-255; D2 config/defaults.py PIXEL_MEAN (spec 1.5)
 
+# The layers whose shape follows the number of classes (fine-tuning to another label set re-initialises them).
+_CLASS_LAYER = re.compile(r"(^|\.)(cls_score|bbox_pred)\.|mask_head\.predictor\.|^category_ids$")
+
 
 # ---- Caffe2 (Detectron / detectron2 ImageNet pickles) -> minimask names --------------------------------------------
 # Facts from detectron2 `checkpoint/c2_model_loading.py` (convert_basic_c2_names) and Detectron.pytorch's weight
@@ -420,11 +423,21 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
         if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
             raise ValueError(f"--weights {path}: --init checkpoint needs a minimask detector checkpoint, this is "
                              f"a {fmt} {'backbone' if fmt == 'minimask' else 'file'} (use --init imagenet)")
+        # Fine-tuning on another label set (a COCO detector on pedestrians, say): the class-dependent layers do not
+        # fit, so they keep their fresh initialisation, as detectron2 does, and the label map is the model's (the
+        # new dataset's). Every other layer must fit exactly.
+        own = model.state_dict()
+        fresh = [k for k, v in state.items()
+                 if _CLASS_LAYER.search(k) and k in own and tuple(v.shape) != tuple(own[k].shape)]
+        state = {**state, **{k: own[k] for k in fresh}}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:300]
             raise ValueError(f"--weights {path} does not fit the model: {detail}") from None
         report = f"initialised the whole model from {path}"
+        if fresh:
+            report += (f"; the checkpoint predicts another number of classes, so these start from their "
+                       f"initialisation for {model.num_classes}: {', '.join(k for k in fresh if k != 'category_ids')}")
     print(report)
     return report

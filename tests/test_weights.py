@@ -310,6 +310,30 @@ def test_load_initial_weights_imagenet_and_checkpoint(tmp_path, capsys):
         load_initial_weights(fresh, "checkpoint", str(tmp_path / "backbone.pth"))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "r50_fpn_gn_cascade"])
+def test_fine_tuning_to_another_class_count_reinitialises_only_the_class_layers(tmp_path, capsys, preset):
+    """A detector of 3 (or 80) classes fine-tuned on a 1-class set: classifier, box regression and mask predictor
+    keep their fresh init, the label map is the new model's; everything else comes from the checkpoint."""
+    overrides = ["model.backbone.depth=18", "model.fpn.out_channels=64"] if preset != "tiny" else []
+    source = minimask.build_model(get_config(preset, overrides + ["model.roi_heads.num_classes=3"]))
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pth")
+    torch.manual_seed(5)
+    model = minimask.build_model(get_config(preset, overrides + ["model.roi_heads.num_classes=1"]))
+    model.category_ids.fill_(7)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_initial_weights(model, "checkpoint", str(tmp_path / "ckpt.pth"))
+    fresh = [k for k, v in source.state_dict().items() if v.shape != own[k].shape]
+    assert fresh and all(re.search(r"cls_score|bbox_pred|mask_head\.predictor|category_ids", k) for k in fresh)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, own[k] if k in fresh else source.state_dict()[k]), k
+    assert model.category_ids.tolist() == [7] and "start from their initialisation for 1" in report
+    # A layer that does not depend on the classes must still fit exactly.
+    bad = dict(source.state_dict(), **{"rpn.head.conv.weight": torch.zeros(1, 1, 3, 3)})
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_initial_weights(model, "checkpoint", str(tmp_path / "bad.pth"))
+
+
 def test_load_initial_weights_refuses_a_model_built_without_the_conventions(tmp_path):
     cfg = get_config("tiny", ["model.backbone.norm=FrozenBN"])  # pixel convention left at BGR 0-255
     source = ResNet(depth=18, norm="BN")
