@@ -383,14 +383,31 @@ def _training_batch():
     return images, targets
 
 
+def _keypoint_training_batch():
+    """The same two images with every object a person (label 1) carrying 17 keypoints: most inside their box and
+    visible, some outside it, some unlabelled (v = 0), in the same numbers for both libraries."""
+    images, targets = _training_batch()
+    g = torch.Generator().manual_seed(11)
+    for t in targets:
+        boxes = t.pop("boxes")
+        t.pop("masks")
+        n = boxes.shape[0]
+        xy = boxes[:, None, :2] + torch.rand(n, 17, 2, generator=g) * 1.2 * (boxes[:, None, 2:] - boxes[:, None, :2])
+        v = torch.where(torch.rand(n, 17, generator=g) < 0.2, 0.0, 2.0)
+        t.update(boxes=boxes, labels=torch.ones(n, dtype=torch.int64), keypoints=torch.cat([xy, v[..., None]], 2))
+    return images, targets
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["v1", "v2", "kp"])
 def test_maskrcnn_training_parity_losses_and_gradients(kind):
     """With the samplers taking every candidate (nothing random), one training step's losses and gradients equal
     torchvision's (1e-4 relative). v2 trains its BatchNorms (batch statistics), frozen stages included; it runs in
     float64 because in float32 the BatchNorm backward (which subtracts per-channel means of the gradient) turns
     the 1e-7 float noise between the two RoIAlign implementations into ~1e-3 relative gradient differences in the
-    box and mask head convs (8.7e-4 measured); in float64 they agree to 1e-7."""
+    box and mask head convs (8.7e-4 measured); in float64 they agree to 1e-7. The keypoint model ("kp": every
+    RoI of a person, keypoint targets and loss) runs in float64 too: through its eight unnormalised 512-channel
+    convs the same float32 noise reaches 1.6e-4 relative in the first conv's gradient."""
     tv_model = torchvision_model(kind)
     everything = 10 ** 7
     for sampler in (tv_model.rpn.fg_bg_sampler, tv_model.roi_heads.fg_bg_sampler):
@@ -401,15 +418,15 @@ def test_maskrcnn_training_parity_losses_and_gradients(kind):
         f"model.rpn.batch_size_per_image={everything}", "model.rpn.positive_fraction=1.0",
         f"model.roi_heads.batch_size_per_image={everything}", "model.roi_heads.positive_fraction=1.0"]))
     model.load_state_dict(state, strict=False)
-    images, targets = _training_batch()
-    if kind == "v2":
+    images, targets = _keypoint_training_batch() if kind == "kp" else _training_batch()
+    if kind in ("v2", "kp"):
         tv_model.double()
         model.double()
         # Exact float64 constants, as torchvision's transform uses (the buffers were made in float32).
         model.pixel_mean.copy_(torch.tensor((0.485, 0.456, 0.406), dtype=torch.float64).view(3, 1, 1))
         model.pixel_std.copy_(torch.tensor((0.229, 0.224, 0.225), dtype=torch.float64).view(3, 1, 1))
         images = [image.double() for image in images]
-        for t in targets:
+        for t in targets:  # keypoints stay float32: torchvision refuses any other dtype (both promote them)
             t["boxes"] = t["boxes"].double()
     tv_model.train()
     model.train()
