@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -479,4 +480,11 @@ def make_progress_bar(initial: int, total: int, *, enabled: bool):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == EXIT_PEER_LOST:
+        # The process group is broken: leave without running its destructors, which can abort (SIGABRT) on the
+        # connection the lost peer closed; torchrun would then report this process as the first to fail.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
