@@ -28,7 +28,7 @@ from pycocotools.coco import COCO
 import minimask
 from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
-from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, require_file
+from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
 TTA_MAX_SIZE = 4000  # detectron2 TEST.AUG.MAX_SIZE
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for results_*.json and metrics.json")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: several scales + horizontal flip")
     p.add_argument("--tta-scales", type=_int_tuple, default=TTA_SCALES, help="shorter sides for --tta, e.g. 600,800")
-    p.add_argument("--tta-max-size", type=_positive_int, default=TTA_MAX_SIZE, help="longer-side cap for --tta")
+    p.add_argument("--tta-max-size", type=positive_int, default=TTA_MAX_SIZE, help="longer-side cap for --tta")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.backbone.depth=101")
     return p
@@ -70,16 +70,6 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def check_args(args) -> None:

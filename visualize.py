@@ -21,7 +21,7 @@ import torch
 
 import minimask
 from evaluate import select_device
-from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, require_file
+from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,21 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", nargs="+", metavar="IMAGE", help="image files to draw detections on")
     source.add_argument("--data", help="'synthetic' or a COCO-layout root (annotations/ + split folders)")
     p.add_argument("--split", help="split of --data (default: val)")
-    p.add_argument("--num", type=_positive_int, help="how many --data images to draw (default: 8)")
+    p.add_argument("--num", type=positive_int, help="how many --data images to draw (default: 8)")
     p.add_argument("--output", required=True, help="folder for the PNGs")
     p.add_argument("--score-threshold", type=_probability, default=0.5, help="draw detections scoring at least this")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _probability(text: str) -> float:

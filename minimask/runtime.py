@@ -26,6 +26,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def require_file(path: str, flag: str) -> None:
     """UsageError naming `flag` unless `path` is an existing file."""
     if not Path(path).is_file():
