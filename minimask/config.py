@@ -216,14 +216,15 @@ _TINY = [
 
 _DEMO = _TINY + [
     "model.roi_heads.num_classes=6", "model.rpn.anchor_sizes=(16, 32, 64, 128, 256)",
-    "model.roi_heads.batch_size_per_image=128", "input.min_size_train=(160, 192)", "input.max_size_train=320",
-    "input.min_size_test=224", "input.max_size_test=384", "solver.batch_size=4", "solver.lr=0.04",
-    "solver.max_iter=830", "solver.steps=(553, 738)", "solver.warmup_iters=100", "solver.checkpoint_period=500",
+    "model.roi_heads.batch_size_per_image=128", "input.min_size_train=(128, 160)", "input.max_size_train=256",
+    "input.min_size_test=192", "input.max_size_test=320", "solver.batch_size=4", "solver.lr=0.04",
+    "solver.max_iter=1000", "solver.steps=(667, 889)", "solver.warmup_iters=100", "solver.checkpoint_period=500",
     "solver.eval_period=0", "solver.clip_grad_norm=10.0",
 ]  # `python train.py --config demo`: the tiny model on the synthetic set, end to end on a 2-core CPU in < 10 min.
-# Anchors halved: the synthetic objects (12-140 px, shrunk ~0.7x) are smaller than the FPN's 32-512 px anchors
-# assume; LR 0.01 per image (8x the linear-scaling rule's) is the best of 0.005-0.02 per image measured for
-# this short schedule; batch 4 gets 1.3x the images per second of batch 2 on two cores.
+# Anchors halved: the synthetic objects (12-140 px, shrunk ~0.5x in training) are smaller than the FPN's 32-512 px
+# anchors assume; LR 0.01 per image (8x the linear-scaling rule's) is the best of 0.005-0.02 per image measured for
+# this short schedule; batch 4 gets 1.3x the images per second of batch 2 on two cores; training at 128-160 px
+# (testing at 192) reaches more AP per minute than at 160-192 px (BENCHMARKS.md).
 
 _TORCHVISION = [
     "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2", "model.fpn.norm=",
