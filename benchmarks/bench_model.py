@@ -64,6 +64,31 @@ def raise_class_scores(model, classes=(1, 2, 3, 4)):
             bias[[c for c in classes if c < bias.shape[0]]] = 3.0
 
 
+def step_fns(model, images, targets):
+    """(train_step, infer): forward + backward + SGD step in train mode (given a StageTimer, the backward and the
+    step are timed as the stage "backward+step"); model(images) in eval mode, no grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9, weight_decay=1e-4)
+
+    def train_step(timer=None):
+        model.train()
+        losses = model(images, targets)
+        if timer is not None:
+            timer._enter("backward+step")
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        if timer is not None:
+            timer._exit("backward+step")
+
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        return model(images)
+
+    return train_step, infer
+
+
 def timed(fn, device, warmup, runs):
     for _ in range(warmup):
         fn()
@@ -141,10 +166,10 @@ class StageTimer:
             self.seconds = {}
             self._sync()
             start = time.perf_counter()
-            extra = fn(self) or {}
+            fn(self)
             self._sync()
             total = time.perf_counter() - start
-            row = {**self.seconds, **extra}
+            row = dict(self.seconds)
             row["other"] = total - sum(row.values())
             row["total"] = total
             per_run.append(row)
@@ -188,17 +213,7 @@ def main():
     if args.detections:
         raise_class_scores(model)
     images, targets = make_batch(cfg, args.batch, *args.size, device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-    def train_step():
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-
-    @torch.no_grad()
-    def infer():
-        return model(images)
+    train_step, infer = step_fns(model, images, targets)
 
     model.train()
     train_s = timed(train_step, device, args.warmup, args.runs)
@@ -216,22 +231,8 @@ def main():
     if args.stages:
         timer = StageTimer(model, device)
 
-        def train_stages(t):
-            model.train()
-            losses = model(images, targets)
-            t._enter("backward+step")
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            t._exit("backward+step")
-
-        @torch.no_grad()
-        def infer_stages(t):
-            model.eval()
-            model(images)
-
-        result["train_stages_s"] = timer.measure(train_stages, args.runs)
-        result["infer_stages_s"] = timer.measure(infer_stages, args.runs)
+        result["train_stages_s"] = timer.measure(train_step, args.runs)
+        result["infer_stages_s"] = timer.measure(lambda t: infer(), args.runs)
         timer.remove()
     for key, value in result.items():
         if isinstance(value, dict):

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minimask  # noqa: E402
 from minimask.model_zoo import convert_torchvision_detection  # noqa: E402
-from bench_model import _cpu_name, peak_memory_mb, raise_class_scores  # noqa: E402
+from bench_model import _cpu_name, peak_memory_mb, raise_class_scores, step_fns  # noqa: E402
 
 
 def torchvision_model(kind: str, num_classes: int = 91):
@@ -80,25 +80,6 @@ def make_inputs(height: int, width: int, num_objects: int = 4):
     target = {"boxes": boxes, "labels": torch.tensor([1, 3, 18, 44][:num_objects] * (num_objects // 4 + 1))[
         :num_objects], "masks": masks}
     return [image], [target]
-
-
-def step_fns(model, images, targets):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9, weight_decay=1e-4)
-
-    def train_step():
-        model.train()
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-
-    @torch.no_grad()
-    def infer():
-        model.eval()
-        return model(images)
-
-    return train_step, infer
 
 
 def alternate(fns: dict, warmup: int, runs: int) -> dict:

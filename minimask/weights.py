@@ -411,13 +411,12 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
         from minimask.detectron2_format import convert_detectron2_detection
         from minimask.model_zoo import convert_torchvision_detection, is_torchvision_detection
 
-        kept = ("pixel_mean", "pixel_std", "category_ids")
-        if is_torchvision_detection(state):  # e.g. maskrcnn_resnet50_fpn: renamed, the model keeps its buffers
-            state, _ = convert_torchvision_detection(state)
-            state = {**{k: v for k, v in model.state_dict().items() if k in kept}, **state}
-            fmt = "minimask"
-        elif fmt == "detectron2":  # a detectron2 model-zoo detector (build the matching d2_* preset)
-            state = convert_detectron2_detection(state)
+        if is_torchvision_detection(state) or fmt == "detectron2":  # renamed; the model keeps its own buffers
+            if fmt == "detectron2":  # a detectron2 model-zoo detector (build the matching d2_* preset)
+                state = convert_detectron2_detection(state)
+            else:  # e.g. maskrcnn_resnet50_fpn (build the matching torchvision_* preset)
+                state, _ = convert_torchvision_detection(state)
+            kept = ("pixel_mean", "pixel_std", "category_ids")
             state = {**state, **{k: v for k, v in model.state_dict().items() if k in kept}}
             fmt = "minimask"
         if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
