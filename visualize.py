@@ -6,7 +6,7 @@
     python visualize.py --weights maskrcnn_resnet50_fpn.pth --config torchvision_maskrcnn_r50_fpn --images a.jpg \
         --output vis/ --score-threshold 0.7 --device cuda
 
-The model comes from `minimask.from_checkpoint` (a minimask training checkpoint carries its config; --config
+The model comes from `minimask.model_zoo.read_checkpoint` (a minimask training checkpoint carries its config; --config
 overrides it, and a bare state dict needs it). Images are resized as the model's test pipeline does (shorter side
 input.min_size_test, longer side at most input.max_size_test) and drawn at that size. --data takes "synthetic" or
 a COCO-layout root, as evaluate.py does; its first --num images are drawn. Bad input: one line on stderr, exit 2.
@@ -51,9 +51,9 @@ def _probability(text: str) -> float:
 
 def prepare(args) -> dict:
     """Model, dataset and device, validated before any inference (UsageError / ValueError / OSError)."""
-    from minimask.checkpoint import CheckpointError, load_checkpoint
+    from minimask.checkpoint import CheckpointError
     from minimask.data.transforms import build_transforms
-    from minimask.model_zoo import config_from_dict
+    from minimask.model_zoo import read_checkpoint
 
     ensure_writable_dir(args.output)
     require_file(args.weights, "--weights")
@@ -61,22 +61,18 @@ def prepare(args) -> dict:
         require_file(path, "--images")
     if args.images and (args.split or args.num):
         raise UsageError("--split and --num apply to --data only")
-    try:
-        raw = load_checkpoint(args.weights)  # for the config and label map a training checkpoint carries
-        model = minimask.from_checkpoint(args.weights, config=args.config)
-    except CheckpointError as e:
-        raise ValueError(f"--weights: {e}") from None
-    if args.config:
-        cfg = minimask.get_config(args.config)
-    elif isinstance(raw.get("config"), dict):
-        cfg = config_from_dict(raw["config"])
-    else:  # a torchvision file: from_checkpoint picked its preset; all use the default test sizes
-        cfg = minimask.Config()
+    try:  # any format from_checkpoint reads; cfg: --config, else the file's own, else the preset its layout needs
+        state, cfg = read_checkpoint(args.weights, config=args.config)
+        model = minimask.build_model(cfg)
+        model.load_state_dict(state, strict=True)
+        model.eval()
+    except (CheckpointError, RuntimeError) as e:
+        raise ValueError(f"--weights: {' '.join(str(e).split())[:500]}") from None
     transforms = build_transforms(min_sizes=cfg.input.min_size_test, max_size=cfg.input.max_size_test,
                                   flip=False, train=False)
     _, _, device = select_device(args.device)
     if args.images:
-        names = (raw.get("label_map") or {}).get("category_names")
+        names = _category_names(args.weights)
         dataset = ImageFiles(args.images, transforms, names)
         indices = range(len(dataset))
     else:
@@ -84,6 +80,17 @@ def prepare(args) -> dict:
         indices = range(min(args.num or 8, len(dataset)))
     return dict(model=model.to(device), dataset=dataset, indices=indices, out_dir=args.output, device=device,
                 score_threshold=args.score_threshold)
+
+
+def _category_names(path: str) -> list[str] | None:
+    """The class names a minimask training checkpoint carries in its label map (other files have none)."""
+    from minimask.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        raw = load_checkpoint(path)
+    except (CheckpointError, ValueError, OSError):  # e.g. a detectron2 .pkl, which only the restricted reader opens
+        return None
+    return ((raw.get("label_map") if isinstance(raw, dict) else None) or {}).get("category_names")
 
 
 class ImageFiles:
