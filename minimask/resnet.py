@@ -115,7 +115,9 @@ class ResNet(nn.Module):
     Args (keyword-only):
         depth: 18, 34, 50, 101 or 152.
         groups, width_per_group: bottleneck width at res2 is groups * width_per_group, doubling per stage;
-            ResNet = (1, 64), ResNeXt 32x4d = (32, 4), 32x8d = (32, 8). Basic-block depths need (1, 64).
+            ResNet = (1, 64), ResNeXt 32x4d = (32, 4), 32x8d = (32, 8). Basic-block depths take groups=1, and
+            width_per_group is then the width of the stem and res2 (64 in ResNet-18/34; the CPU demo's half-width
+            ResNet-18 uses 32), doubling per stage as usual.
         norm: "BN", "SyncBN", "GN" (32 groups), "FrozenBN", or None / "" (no norm; convs then have a bias).
         stride_in_1x1: Bottleneck stride on the first 1x1 (MSRA weights) instead of the 3x3 (default False).
         freeze_at: 0 = train everything; k >= 1 freezes the stem, k >= 2 also res2, ..., k = 5 also res5.
@@ -132,7 +134,8 @@ class ResNet(nn.Module):
         out_channels, strides: dict[str, int] for the requested spatial features ("logits" is not spatial and
             appears in neither), in network order (stem, res2, ..., res5) whatever the order of out_features.
 
-    forward(x (B, 3, H, W)) -> dict[str, Tensor] in network order: "stem" (B, 64, H/4, W/4); "resK" (B, C_K, H/2^K, W/2^K) with
+    forward(x (B, 3, H, W)) -> dict[str, Tensor] in network order: "stem" (B, C_stem, H/4, W/4) (C_stem = 64, or a
+    basic-block net's width_per_group); "resK" (B, C_K, H/2^K, W/2^K) with
     ceil-rounded sizes; "logits" (B, num_classes). Works with B == 0 for norms that accept empty batches.
     """
 
@@ -147,17 +150,18 @@ class ResNet(nn.Module):
         self._out_features = out_features
 
         # Stem: 7x7/2 conv -> norm -> relu -> 3x3/2 max-pool (spec section 1.1); output stride 4.
-        self.conv1 = nn.Conv2d(3, _STEM_CHANNELS, 7, stride=2, padding=3, bias=not norm)
-        self.norm1 = _norm_or_identity(norm, _STEM_CHANNELS)
+        stem_channels = _STEM_CHANNELS if bottleneck else width_per_group  # 64 unless a narrow basic-block net
+        self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=not norm)
+        self.norm1 = _norm_or_identity(norm, stem_channels)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        all_channels, all_strides = {"stem": _STEM_CHANNELS}, {"stem": 4}
+        all_channels, all_strides = {"stem": stem_channels}, {"stem": 4}
 
         # Build res2 .. the deepest requested stage ("logits" needs all four).
         last = 4 if "logits" in out_features else max(
             (_STAGES.index(f) + 1 for f in out_features if f in _STAGES), default=0)
-        in_channels = _STEM_CHANNELS
+        in_channels = stem_channels
         width = groups * width_per_group  # bottleneck width at res2
-        out_channels = 4 * _STEM_CHANNELS if bottleneck else _STEM_CHANNELS  # res2 output: 256 or 64
+        out_channels = 4 * _STEM_CHANNELS if bottleneck else stem_channels  # res2 output: 256, or 64 for R18/34
         self._stage_names: list[str] = []
         for idx in range(last):
             stride = 1 if idx == 0 else 2  # res2 keeps the stem's stride 4; res3..res5 halve the resolution
@@ -197,10 +201,9 @@ class ResNet(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not _DEPTHS[depth][1]:
-            # BasicBlocks have no bottleneck width and no grouped conv (torchvision rejects the same).
-            if (groups, width_per_group) != (1, 64):
-                raise ValueError(f"depth {depth} uses BasicBlocks, which need groups=1 and width_per_group=64; "
-                                 f"got groups={groups!r}, width_per_group={width_per_group!r}")
+            # BasicBlocks have no grouped conv (torchvision rejects the same); width_per_group sets their width.
+            if groups != 1:
+                raise ValueError(f"depth {depth} uses BasicBlocks, which need groups=1, got groups={groups!r}")
             if stride_in_1x1:
                 raise ValueError(f"stride_in_1x1=True only applies to Bottleneck depths (50+), got depth {depth}")
         if not isinstance(freeze_at, int) or isinstance(freeze_at, bool) or not 0 <= freeze_at <= 5:
@@ -257,7 +260,7 @@ class ResNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"ResNet expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         outputs = {}
-        x = self.maxpool(F.relu(self.norm1(self.conv1(x)), inplace=True))  # (B, 64, H/4, W/4)
+        x = self.maxpool(F.relu(self.norm1(self.conv1(x)), inplace=True))  # (B, C_stem, H/4, W/4)
         if "stem" in self._out_features:
             outputs["stem"] = x
         for idx, name in enumerate(self._stage_names):

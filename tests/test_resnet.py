@@ -15,6 +15,7 @@ ALL = ("stem", "res2", "res3", "res4", "res5")
 @pytest.mark.parametrize("depth,groups,width,channels", [
     (18, 1, 64, [64, 64, 128, 256, 512]),
     (34, 1, 64, [64, 64, 128, 256, 512]),
+    (18, 1, 32, [32, 32, 64, 128, 256]),  # half-width basic blocks (the CPU demo): stem and res2 follow the width
     (50, 1, 64, [64, 256, 512, 1024, 2048]),
     (50, 32, 4, [64, 256, 512, 1024, 2048]),
 ])
@@ -215,7 +216,7 @@ def test_stages_after_last_requested_are_not_built():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(depth=42), "42"),
     (dict(depth=18, groups=32, width_per_group=4), "groups=32"),
-    (dict(depth=34, width_per_group=32), "width_per_group=32"),
+    (dict(depth=34, width_per_group=0), "width_per_group"),
     (dict(depth=50, groups=0), "groups"),
     (dict(depth=50, width_per_group=-4), "width_per_group"),
     (dict(depth=18, stride_in_1x1=True), "stride_in_1x1"),
