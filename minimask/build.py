@@ -93,6 +93,7 @@ def build_model(cfg: Config) -> MaskRCNN:
         soft_mask_targets=m.mask_head.soft_targets,
         legacy_mask_paste=m.mask_head.legacy_paste,
         keypoint_score=m.keypoint_head.score,
+        keypoint_loss_weight=m.keypoint_head.loss_weight,
     )
 
     def box_head():

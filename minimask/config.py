@@ -103,6 +103,7 @@ class KeypointHeadConfig:
     resolution: int = 14
     heatmap_size: int = 56  # deconv (28) then bilinear x2 (D2)
     score: str = "softmax"  # keypoint score: D2 spatial softmax; TV "logit" (the upsampled heatmap's maximum)
+    loss_weight: float = 1.0  # D2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT (the demo lowers it, see _DEMO)
 
 
 @dataclass

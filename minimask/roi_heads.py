@@ -138,8 +138,9 @@ class RoIHeads(nn.Module):
                  box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
                  keypoint_heatmap_size: int = 56, min_box_size: float = 0.0, soft_mask_targets: bool = False,
-                 legacy_mask_paste: bool = False, keypoint_score: str = "softmax"):
-        """The last four arguments reproduce torchvision's conventions (defaults: detectron2's):
+                 legacy_mask_paste: bool = False, keypoint_score: str = "softmax", keypoint_loss_weight: float = 1.0):
+        """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
+        The four before it reproduce torchvision's conventions (defaults: detectron2's):
         min_box_size: detections with a side < min_box_size are dropped before NMS (torchvision: 1e-2).
         soft_mask_targets: mask targets by RoIAlign of the bitmaps without the half-pixel shift and without
             thresholding (torchvision `project_masks_on_boxes`); used instead of polygons when a target has both.
@@ -162,6 +163,7 @@ class RoIHeads(nn.Module):
         self.mask_size, self.keypoint_heatmap_size = mask_size, keypoint_heatmap_size
         self.min_box_size, self.soft_mask_targets = min_box_size, soft_mask_targets
         self.legacy_mask_paste, self.keypoint_score = legacy_mask_paste, keypoint_score
+        self.keypoint_loss_weight = keypoint_loss_weight
 
     def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
@@ -182,7 +184,7 @@ class RoIHeads(nn.Module):
         if self.mask_head is not None:
             losses["loss_mask"] = self._mask_loss(features, foreground, targets)
         if self.keypoint_head is not None:
-            losses["loss_keypoint"] = self._keypoint_loss(features, foreground, targets)
+            losses["loss_keypoint"] = self.keypoint_loss_weight * self._keypoint_loss(features, foreground, targets)
         return losses
 
     def _forward_eval(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:

@@ -146,6 +146,22 @@ def test_train_with_all_heads_and_an_empty_image():
     assert losses["loss_mask"] > 0 and losses["loss_keypoint"] > 0  # GT appended: every GT has a foreground RoI
 
 
+def test_keypoint_loss_weight_scales_only_the_keypoint_loss():
+    targets = [make_target(random_boxes(3), [1, 2, 3]), empty_target(56, 80)]
+    proposals = [random_boxes(50), random_boxes(40, 56, 80)]
+    features = make_features()
+    results = []
+    for weight in (1.0, 0.25):
+        torch.manual_seed(0)  # same heads, same RoI sampling
+        heads = make_heads(keypoint_loss_weight=weight).train()
+        torch.manual_seed(1)
+        results.append(heads(features, proposals, IMAGE_SIZES, targets)[1])
+    full, weighted = results
+    torch.testing.assert_close(weighted["loss_keypoint"], 0.25 * full["loss_keypoint"])
+    for name in ("loss_classifier", "loss_box_reg", "loss_mask"):
+        torch.testing.assert_close(weighted[name], full[name], rtol=0, atol=0)
+
+
 def test_no_objects_gives_zero_regression_mask_and_keypoint_losses():
     heads = make_heads().train()
     features = make_features()
