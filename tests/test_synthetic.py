@@ -51,9 +51,9 @@ def _files(paths):
     return out
 
 
-def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
+def test_same_seed_is_byte_identical_in_any_number_of_processes_and_other_seed_differs(tmp_path):
     a = build_synthetic(tmp_path / "a", num_train=6, num_val=3, seed=0)
-    b = build_synthetic(tmp_path / "b", num_train=6, num_val=3, seed=0)
+    b = build_synthetic(tmp_path / "b", num_train=6, num_val=3, seed=0, workers=2)  # rendered in two processes
     c = build_synthetic(tmp_path / "c", num_train=6, num_val=3, seed=1)
     for ann in ("train_ann", "val_ann"):
         assert getattr(a, ann).read_bytes() == getattr(b, ann).read_bytes()
