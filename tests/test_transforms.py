@@ -36,6 +36,20 @@ def test_shortest_edge_size_hand_checked():
         shortest_edge_size(0, 10, 800, 1333)
 
 
+def test_shrunk_masks_keep_thin_structures_as_coverage():
+    # A one-pixel line shrunk 2x: a binary nearest-neighbour resize keeps or drops it whole; coverage keeps its area
+    # (each output pixel holds the fraction the object covers) and stays in [0, 1].
+    masks = torch.zeros(2, 40, 40, dtype=torch.uint8)
+    masks[0, 10:30, 17] = 1  # vertical line, 20 x 1 px
+    masks[1, 8:32, 8:32] = 1  # square, 24 x 24 px
+    _, out = resize(torch.rand(3, 40, 40), {"masks": masks}, (20, 20))
+    cover = out["masks"].float()
+    assert out["masks"].dtype == torch.float16 and cover.min() >= 0 and cover.max() <= 1
+    torch.testing.assert_close(cover.sum(dim=(1, 2)) * 4, masks.float().sum(dim=(1, 2)), rtol=2e-3, atol=0)
+    assert 0 < cover[0].max() < 0.5  # the line survives as partial coverage
+    assert (cover[1, 5:15, 5:15] == 1).all() and (cover[1, :3] == 0).all()  # the square's inside and outside exact
+
+
 def test_resize_scales_boxes_masks_keypoints_consistently():
     height, width = 4, 6
     image = torch.rand(3, height, width)
@@ -47,16 +61,18 @@ def test_resize_scales_boxes_masks_keypoints_consistently():
     assert out_image.shape == (3, 8, 9) and out_image.dtype == torch.float32
     assert torch.equal(out["boxes"], torch.tensor([[3.0, 2.0, 6.0, 6.0]]))
     assert torch.equal(out["keypoints"], torch.tensor([[[3.75, 3.0, 2.0], [9.0, 8.0, 1.0]]]))  # (W, H) stays inside
-    # nearest-exact: output column j reads input column floor((j + 0.5) * 6 / 9): columns 3..5 <- 2..3, which is the
-    # scaled box [3, 6]; rows 2..5 <- 1..2, the scaled box [2, 6].
-    expected = torch.zeros(1, 8, 9, dtype=torch.uint8)
-    expected[0, 2:6, 3:6] = 1
-    assert out["masks"].dtype == torch.uint8 and torch.equal(out["masks"], expected)
-    # Width 6 -> 10: columns 3..6 <- floor((j + 0.5) * 0.6) in 2..3; their centres 3.5..6.5 lie in the scaled
-    # box [3.33, 6.67]. PyTorch's legacy "nearest" (floor(j * 0.6)) would give columns 4..6, half a pixel off.
-    expected = torch.zeros(1, 8, 10, dtype=torch.uint8)
-    expected[0, 2:6, 3:7] = 1
-    assert torch.equal(resize(image, target, (8, 10))[1]["masks"], expected)
+    # Masks become float16 coverage (bilinear): upscaled, a binary mask's 0.5 level lies on the scaled pixel edges,
+    # so >= 0.5 keeps exactly the pixels whose centres lie in the scaled box [3, 6] x [2, 6]: columns 3..5, rows 2..5.
+    expected = torch.zeros(1, 8, 9, dtype=torch.bool)
+    expected[0, 2:6, 3:6] = True
+    assert out["masks"].dtype == torch.float16 and torch.equal(out["masks"] >= 0.5, expected)
+    assert out["masks"].min() >= 0 and out["masks"].max() <= 1
+    # Width 6 -> 10: the scaled box is [3.33, 6.67] x [2, 6]. Along a row and a column through the middle, >= 0.5
+    # keeps the centres inside it (columns 3..6, rows 2..5); the corners are rounded off (bilinear is a product:
+    # 0.6 x 0.75 < 0.5 at row 2, column 3).
+    wide = resize(image, target, (8, 10))[1]["masks"][0] >= 0.5  # (8, 10)
+    assert wide[3].nonzero().flatten().tolist() == [3, 4, 5, 6]
+    assert wide[:, 4].nonzero().flatten().tolist() == [2, 3, 4, 5]
     assert out["image_id"] == 3 and out["orig_size"] == (4, 6) and torch.equal(out["labels"], target["labels"])
     assert torch.equal(target["boxes"], torch.tensor([[2.0, 1.0, 4.0, 3.0]]))  # the input target is not modified
 

@@ -6,7 +6,7 @@ training shorter side from [640, 800] (reference spec Sec. 8.4 and 9.4). detectr
 `ResizeShortestEdge` + `RandomFlip`; we follow its conventions:
 
 - An image is a float tensor (3, H, W). A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
-  continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) uint8 and `keypoints` (N, K, 3)
+  continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) (uint8 {0, 1}, or float coverage in [0, 1] once resized) and `keypoints` (N, K, 3)
   float (x, y, visibility) in continuous pixel coordinates (the dataset adds +0.5 to COCO's integer pixel indices;
   `export_keypoints` undoes it for results files), plus `image_id` and `orig_size`, which pass through untouched.
 - Continuous coordinates make every geometric map exact: a resize scales x by W'/W and y by H'/H, and a flip maps
@@ -15,9 +15,12 @@ training shorter side from [640, 800] (reference spec Sec. 8.4 and 9.4). detectr
   the continuous coordinates) and `antialias=False`. D2 resizes uint8 images with PIL's BILINEAR, which antialiases
   when downscaling, so downscaled images are slightly sharper here than in D2; upscaling (the common case for COCO,
   ~640 -> 800) is the same filter up to uint8 rounding.
-- Masks are resized with "nearest-exact" (each output pixel takes the input pixel whose centre is nearest to its
-  own centre, the same centre convention as the image); PyTorch's legacy "nearest" would shift masks by up to half a
-  pixel towards the top-left. The dtype (uint8) is kept.
+- Masks are resized as coverage: bilinear with antialiasing (same pixel-centre convention as the image), giving
+  float16 values in [0, 1], the fraction of each output pixel the object covers. The mask targets (RoIAlign of these,
+  then >= 0.5, `minimask.mask_head.mask_targets`) then stay close to the true masks when the image is shrunk: on the
+  synthetic set at 0.55x, the 28 x 28 targets of persons overlap those of the original masks with IoU 0.89 against
+  0.81 for a binary nearest-neighbour resize (ring 0.97 against 0.91). D2 resizes bitmask annotations with nearest
+  neighbour (its polygon annotations are rasterised in the box and do not depend on the image scale at all).
 
 Randomness (the scale draw, the flip coin) comes from torch's global CPU RNG, so seeding it per sample
 (`minimask.data.samplers.SeededDataset`) makes augmentation reproducible regardless of DataLoader workers.
@@ -99,7 +102,8 @@ def resize(image, target, size_hw):
     """Resize an image (3, H, W) and its target to `size_hw` = (H', W').
 
     Image: bilinear, align_corners=False, antialias=False. Boxes and keypoint x, y are scaled per axis (W'/W, H'/H);
-    keypoints that land outside the image get v = 0. Masks (N, H, W) uint8 -> (N, H', W') uint8 by nearest-exact.
+    keypoints that land outside the image get v = 0. Masks (N, H, W) -> (N, H', W') float16 coverage in [0, 1]
+    (bilinear, antialiased when shrinking; see the module docstring).
     Other target keys pass through. The input target is not modified; `target` may be None. Works with N = 0.
     """
     _check_image(image)
@@ -125,9 +129,12 @@ def resize(image, target, size_hw):
     if "masks" in target:
         masks = target["masks"]
         if masks.shape[0] == 0:  # interpolate rejects empty batches
-            target["masks"] = masks.new_zeros((0, new_h, new_w))
+            target["masks"] = masks.new_zeros((0, new_h, new_w), dtype=torch.float16)
         else:
-            target["masks"] = F.interpolate(masks[None], size=(new_h, new_w), mode="nearest-exact")[0]  # (N, H', W')
+            shrink = new_h < height or new_w < width  # antialiasing changes nothing when enlarging, at 3x the cost
+            coverage = F.interpolate(masks[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                     antialias=shrink)[0]  # (N, H', W')
+            target["masks"] = coverage.clamp_(0, 1).to(torch.float16)  # half the memory; 1/2048 steps suffice
     if "keypoints" in target:
         keypoints = target["keypoints"] * target["keypoints"].new_tensor([sx, sy, 1.0])  # (N, K, 3)
         target["keypoints"] = _invisible_outside(keypoints, new_h, new_w)
