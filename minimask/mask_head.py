@@ -89,7 +89,8 @@ def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: in
     without the half-pixel shift, values in [0, 1] used as BCE targets as they are).
 
     Args:
-        gt_masks: (G, H, W) uint8/bool/float, the image's GT masks at full image resolution.
+        gt_masks: (G, H, W) uint8/bool, or float coverage in [0, 1] (masks of a resized image), the
+            image's GT masks at full image resolution.
         boxes: (R, 4) RoIs (the foreground proposals) in image pixels.
         matched_idxs: (R,) int64, index into gt_masks of each RoI's GT; must lie in [0, G) (not checked: a sync).
         size: S, the target side (28).
