@@ -216,16 +216,22 @@ _TINY = [
 ]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs
 
 _DEMO = _TINY + [
-    "model.roi_heads.num_classes=6", "model.rpn.anchor_sizes=(16, 32, 64, 128, 256)",
-    "model.roi_heads.batch_size_per_image=128", "input.min_size_train=(128, 160)", "input.max_size_train=256",
-    "input.min_size_test=192", "input.max_size_test=320", "solver.batch_size=4", "solver.lr=0.04",
-    "solver.max_iter=1000", "solver.steps=(667, 889)", "solver.warmup_iters=100", "solver.checkpoint_period=500",
-    "solver.eval_period=0", "solver.clip_grad_norm=10.0",
-]  # `python train.py --config demo`: the tiny model on the synthetic set, end to end on a 2-core CPU in < 10 min.
-# Anchors halved: the synthetic objects (12-140 px, shrunk ~0.5x in training) are smaller than the FPN's 32-512 px
-# anchors assume; LR 0.01 per image (8x the linear-scaling rule's) is the best of 0.005-0.02 per image measured for
-# this short schedule; batch 4 gets 1.3x the images per second of batch 2 on two cores; training at 128-160 px
-# (testing at 192) reaches more AP per minute than at 160-192 px (BENCHMARKS.md).
+    "model.backbone.width_per_group=32", "model.roi_heads.num_classes=6",
+    "model.rpn.anchor_sizes=(16, 32, 64, 128, 256)", "model.roi_heads.batch_size_per_image=128",
+    "model.box_head.conv_dims=()", "model.box_head.fc_dims=(256, 256)", "model.mask_head.conv_dims=(64, 64, 64, 64)",
+    "model.keypoint_head.enabled=True", "model.keypoint_head.loss_weight=0.1",
+    "input.min_size_train=(128, 160)", "input.max_size_train=256", "input.min_size_test=192", "input.max_size_test=320",
+    "solver.batch_size=4", "solver.lr=0.04", "solver.max_iter=1500", "solver.steps=(1000, 1333)",
+    "solver.warmup_iters=100", "solver.checkpoint_period=500", "solver.eval_period=0", "solver.clip_grad_norm=10.0",
+]  # `python train.py --config demo`: boxes, masks and keypoints on the synthetic set, on a 2-core CPU in < 10 min.
+# Chosen by measured AP per minute of CPU (BENCHMARKS.md): a half-width ResNet-18 (stem and res2 at 32 channels)
+# trains 1.6x faster than the full one and, given the iterations that buys, ends higher; the 2fc box head is cheaper
+# than the 2-conv one; the 4-conv mask head adds 2.6 mask AP (the mask head on ~100 foreground RoIs per batch costs
+# more than the backbone); the keypoint head's loss at weight 1 swamps the others (gradient norm 5x theirs) and
+# costs half the box AP, at 0.1 about 1 AP. Anchors halved: the synthetic objects (12-140 px, shrunk ~0.5x in
+# training) are smaller than the FPN's 32-512 px anchors assume. LR 0.01 per image (8x the linear-scaling rule's)
+# is the best of 0.005-0.02 per image measured for this short schedule; batch 4 gets 1.3x the images per second of
+# batch 2 on two cores; 128-160 px training (192 px test) reaches more AP per minute than 160-192 px.
 
 _TORCHVISION = [
     "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2", "model.fpn.norm=",
