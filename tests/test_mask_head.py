@@ -27,6 +27,26 @@ def test_head_shapes_and_conv_bias():
         head(torch.randn(2, 8, 14, 14))
 
 
+def test_matmul_deconv_and_predictor_equal_the_modules():
+    # forward computes the deconv and the 1x1 predictor as matmuls; the modules themselves are the reference.
+    torch.manual_seed(0)
+    head = MaskHead(in_channels=8, conv_dims=(32,), norm="GN", num_classes=3)
+    for p in (head.deconv.bias, head.predictor.weight, head.predictor.bias):
+        nn.init.normal_(p)  # non-trivial values (the init zeroes the biases)
+    x = torch.randn(5, 8, 7, 9, requires_grad=True)  # non-square, to catch a swapped axis
+    grad_out = torch.randn(5, 3, 14, 18)
+    got = head(x)
+    (got * grad_out).sum().backward()
+    got_grads = [t.grad.clone() for t in (x, head.deconv.weight, head.deconv.bias, head.predictor.weight)]
+    for t in (x, *head.parameters()):
+        t.grad = None
+    ref = head.predictor(torch.relu(head.deconv(head.convs(x))))
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, t in zip(got_grads, (x, head.deconv.weight, head.deconv.bias, head.predictor.weight)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_default_head_layout_and_init_statistics():
     head = MaskHead(num_classes=80)
     convs = [m for m in head.convs if isinstance(m, nn.Conv2d)]
