@@ -10,8 +10,9 @@ Contract (torchvision's):
 
 `images` is a list of float tensors (3, H, W), RGB in [0, 1], possibly of different sizes. `targets` is a list of
 dicts with `boxes` (N, 4) float xyxy, `labels` (N,) int64 in 1..num_classes (0 is background), and optionally
-`masks` (N, H, W) uint8 bitmaps or float coverage in [0, 1] (plus `polygons` if the data pipeline passes them) and `keypoints` (N, K, 3) float
-(x, y, visibility) in continuous pixel coordinates. The model never resizes: that belongs to the data pipeline.
+`masks` (N, H, W) uint8 bitmaps or float coverage in [0, 1] (plus `polygons` if the data pipeline passes them) and
+`keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel coordinates. The model never resizes: that
+belongs to the data pipeline.
 """
 import torch
 from torch import Tensor, nn

@@ -120,8 +120,8 @@ class RoIHeads(nn.Module):
     forward(features, proposals, image_sizes, targets=None) -> (detections, losses):
         features: P2..P5, each (B, C, H_l, W_l), finest first, at `feature_scales`.
         proposals: B tensors (P_i, 4) in image pixels. image_sizes: B (h, w) of the unpadded images.
-        targets (training only): B dicts with `boxes` (G, 4), `labels` (G,) in 1..K, and `masks` (G, H, W) uint8 / float coverage /
-            `keypoints` (G, 17, 3) where the model has a mask / keypoint head.
+        targets (training only): B dicts with `boxes` (G, 4), `labels` (G,) in 1..K, and `masks` (G, H, W) uint8 or
+            float coverage / `keypoints` (G, 17, 3) where the model has a mask / keypoint head.
     Training returns ([], {"loss_classifier", "loss_box_reg"} + "loss_mask" / "loss_keypoint" where those heads
     exist). Eval returns (B dicts with `boxes` (N, 4), `labels` (N,) int64 in 1..K, `scores` (N,), and `masks`
     (N, 1, h, w) float probabilities / `keypoints` (N, 17, 3) and `keypoints_scores` (N, 17) where those heads

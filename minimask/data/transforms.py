@@ -6,9 +6,10 @@ training shorter side from [640, 800] (reference spec Sec. 8.4 and 9.4). detectr
 `ResizeShortestEdge` + `RandomFlip`; we follow its conventions:
 
 - An image is a float tensor (3, H, W). A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
-  continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) (uint8 {0, 1}, or float coverage in [0, 1] once resized) and `keypoints` (N, K, 3)
-  float (x, y, visibility) in continuous pixel coordinates (the dataset adds +0.5 to COCO's integer pixel indices;
-  `export_keypoints` undoes it for results files), plus `image_id` and `orig_size`, which pass through untouched.
+  continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) (uint8 {0, 1}, or float
+  coverage in [0, 1] once resized) and `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel
+  coordinates (the dataset adds +0.5 to COCO's integer pixel indices; `export_keypoints` undoes it for results
+  files), plus `image_id` and `orig_size`, which pass through untouched.
 - Continuous coordinates make every geometric map exact: a resize scales x by W'/W and y by H'/H, and a flip maps
   x -> W - x. Keypoints that end up outside [0, W] x [0, H] get visibility 0 (D2 `transform_keypoint_annotations`).
 - The image is resized with bilinear interpolation, `align_corners=False` (pixel centres at +0.5, consistent with
