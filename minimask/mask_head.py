@@ -74,15 +74,17 @@ class MaskHead(nn.Module):
             raise ValueError(f"MaskHead expects features (R, {self.in_channels}, H, W), got {tuple(x.shape)}")
         x = self.convs(x)  # (R, C, 14, 14)
         # The deconv and the 1x1 predictor with their own weights, as matmuls in channels-last layout: a 2x2 stride-2
-        # deconv maps each input pixel to its own 2x2 output block, i.e. a (C -> 4C) linear map then a pixel
-        # shuffle. Same result as self.deconv / self.predictor; forward + backward 1.5x faster on the CPU, where
-        # oneDNN's deconvolution and small 1x1 convolutions are slow (BENCHMARKS.md).
+        # deconv maps each input pixel to its own 2x2 output block, i.e. a (C -> 2*2*C') linear map then a pixel
+        # shuffle. The 1x1 predictor acts on each output pixel alone, so it runs before the shuffle, which then
+        # moves K channels instead of C'. Same result as self.predictor(relu(self.deconv(x))); forward + backward
+        # 2x faster on the CPU, where oneDNN's deconvolution and small 1x1 convolutions are slow (BENCHMARKS.md).
         r, c, h, w = x.shape
         c_out = self.deconv.out_channels
-        y = x.permute(0, 2, 3, 1) @ self.deconv.weight.reshape(c, c_out * 4)  # (R, H, W, C' * 2 * 2)
-        y = y.reshape(r, h, w, c_out, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(r, 2 * h, 2 * w, c_out)  # (R, 2H, 2W, C')
-        y = F.relu(y + self.deconv.bias)
-        return F.linear(y, self.predictor.weight.flatten(1), self.predictor.bias).permute(0, 3, 1, 2)  # (R, K, 2H, 2W)
+        weight = self.deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * c_out)  # (C, 2*2*C'), columns (dy, dx, c')
+        y = torch.addmm(self.deconv.bias.repeat(4), x.permute(0, 2, 3, 1).reshape(r * h * w, c), weight).relu_()
+        logits = F.linear(y.view(r * h * w * 4, c_out), self.predictor.weight.flatten(1), self.predictor.bias)
+        k = logits.shape[1]  # logits: (R*H*W*2*2, K), rows (r, y, x, dy, dx)
+        return logits.view(r, h, w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(r, k, 2 * h, 2 * w)  # (R, K, 2H, 2W)
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:
