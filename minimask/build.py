@@ -76,6 +76,7 @@ def build_model(cfg: Config) -> MaskRCNN:
         feature_scales=FEATURE_SCALES,
         box_resolution=m.box_head.resolution,
         mask_resolution=m.mask_head.resolution,
+        mask_rois_per_image=m.mask_head.train_rois_per_image,
         keypoint_resolution=m.keypoint_head.resolution,
         sampling_ratio=m.roi_heads.sampling_ratio,
         aligned=m.roi_heads.aligned,

@@ -138,8 +138,12 @@ class RoIHeads(nn.Module):
                  box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
                  keypoint_heatmap_size: int = 56, min_box_size: float = 0.0, soft_mask_targets: bool = False,
-                 legacy_mask_paste: bool = False, keypoint_score: str = "softmax", keypoint_loss_weight: float = 1.0):
+                 legacy_mask_paste: bool = False, keypoint_score: str = "softmax", keypoint_loss_weight: float = 1.0,
+                 mask_rois_per_image: int = 0):
         """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
+        mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (the first ones of
+            each image's sample, which `sample_balanced` draws in random order: a uniform random subset, without
+            another draw from the RNG); 0 = all (the paper, detectron2, torchvision).
         The four before it reproduce torchvision's conventions (defaults: detectron2's):
         min_box_size: detections with a side < min_box_size are dropped before NMS (torchvision: 1e-2).
         soft_mask_targets: mask targets by RoIAlign of the bitmaps without the half-pixel shift and without
@@ -164,6 +168,9 @@ class RoIHeads(nn.Module):
         self.min_box_size, self.soft_mask_targets = min_box_size, soft_mask_targets
         self.legacy_mask_paste, self.keypoint_score = legacy_mask_paste, keypoint_score
         self.keypoint_loss_weight = keypoint_loss_weight
+        if mask_rois_per_image < 0:
+            raise ValueError(f"mask_rois_per_image must be >= 0 (0 = all), got {mask_rois_per_image}")
+        self.mask_rois_per_image = mask_rois_per_image
 
     def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
@@ -182,7 +189,8 @@ class RoIHeads(nn.Module):
         losses = self._box_losses(features, samples, targets, image_sizes)
         foreground = select_foreground(samples)  # the mask and keypoint heads train on these (Sec. 3)
         if self.mask_head is not None:
-            losses["loss_mask"] = self._mask_loss(features, foreground, targets)
+            cap = self.mask_rois_per_image or None
+            losses["loss_mask"] = self._mask_loss(features, [_select(s, slice(cap)) for s in foreground], targets)
         if self.keypoint_head is not None:
             losses["loss_keypoint"] = self.keypoint_loss_weight * self._keypoint_loss(features, foreground, targets)
         return losses

@@ -162,6 +162,33 @@ def test_keypoint_loss_weight_scales_only_the_keypoint_loss():
         torch.testing.assert_close(weighted[name], full[name], rtol=0, atol=0)
 
 
+def test_mask_rois_per_image_trains_the_mask_head_on_the_first_foreground_rois():
+    targets = [make_target(random_boxes(4), [1, 2, 3, 1]), make_target(random_boxes(3, 56, 80), [2, 2, 1], 56, 80)]
+    proposals = [random_boxes(60), random_boxes(50, 56, 80)]
+    features = make_features()
+    results, seen = [], []
+    for cap in (0, 3):
+        torch.manual_seed(0)  # same heads, same RoI sampling
+        heads = make_heads(mask_rois_per_image=cap, batch_size_per_image=64).train()
+        hook = heads.mask_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        torch.manual_seed(1)
+        results.append(heads(features, proposals, IMAGE_SIZES, targets)[1])
+        hook.remove()
+    full, capped = results
+    torch.manual_seed(1)  # the same draws again, piece by piece
+    samples = [sample_proposals(p, t["boxes"], t["labels"], num_samples=64) for p, t in zip(proposals, targets)]
+    foreground = select_foreground(samples)
+    assert all(s.boxes.shape[0] > 3 for s in foreground)  # the cap bites in both images
+    assert seen == [sum(s.boxes.shape[0] for s in foreground), 6]
+    first = [RoISamples(*(field[:3] for field in s)) for s in foreground]
+    torch.testing.assert_close(capped["loss_mask"], heads._mask_loss(features, first, targets))
+    assert not torch.allclose(capped["loss_mask"], full["loss_mask"])
+    for name in ("loss_classifier", "loss_box_reg", "loss_keypoint"):  # the other heads see the same RoIs
+        torch.testing.assert_close(capped[name], full[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mask_rois_per_image"):
+        make_heads(mask_rois_per_image=-1)
+
+
 def test_no_objects_gives_zero_regression_mask_and_keypoint_losses():
     heads = make_heads().train()
     features = make_features()
