@@ -94,7 +94,7 @@ class MaskHeadConfig:
     soft_targets: bool = False  # TV project_masks_on_boxes: RoIAlign aligned=False, soft targets; D2: >= 0.5
     legacy_paste: bool = False  # TV/D1 paste_masks_in_image (integer boxes, 1-px padding); D2: grid_sample paste
     # At most this many foreground RoIs per image train the mask head, a uniform random subset; 0 = all of them
-    # (the paper, D2, TV). A CPU saving: the demo's mask head costs more than its backbone.
+    # (the paper, D2, TV). Saves time where the mask head dominates the step, as in the CPU demo (BENCHMARKS.md).
     train_rois_per_image: int = 0
 
 
@@ -231,7 +231,7 @@ _DEMO = _TINY + [
 # trains 1.6x faster than the full one and, given the iterations that buys, ends higher; the 2fc box head is cheaper
 # than the 2-conv one; the 4-conv mask head adds 2.6 mask AP; training it on 8 foreground RoIs per image instead of
 # all of them (~28; on ~110 per batch it cost more than the backbone) makes a step 1.6x faster, and the iterations
-# that buys raise box and mask AP by ~8; the keypoint head's loss at weight 1 swamps the others (gradient norm 5x
+# that buys raise box and mask AP by ~5; the keypoint head's loss at weight 1 swamps the others (gradient norm 5x
 # theirs) and costs half the box AP, at 0.1 about 1 AP. Anchors halved: the synthetic objects (12-140 px, shrunk
 # ~0.5x in training) are smaller than the FPN's 32-512 px anchors assume. LR 0.01 per image (8x the linear-scaling
 # rule's) is the best of 0.005-0.02 per image measured for this short schedule; batch 4 gets 1.3x the images per

@@ -77,7 +77,7 @@ class MaskHead(nn.Module):
         # deconv maps each input pixel to its own 2x2 output block, i.e. a (C -> 2*2*C') linear map then a pixel
         # shuffle. The 1x1 predictor acts on each output pixel alone, so it runs before the shuffle, which then
         # moves K channels instead of C'. Same result as self.predictor(relu(self.deconv(x))); forward + backward
-        # 2x faster on the CPU, where oneDNN's deconvolution and small 1x1 convolutions are slow (BENCHMARKS.md).
+        # over 2x faster on the CPU, where oneDNN's deconvolution and small 1x1 convolutions are slow (BENCHMARKS.md).
         r, c, h, w = x.shape
         c_out = self.deconv.out_channels
         weight = self.deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * c_out)  # (C, 2*2*C'), columns (dy, dx, c')

@@ -140,16 +140,16 @@ class RoIHeads(nn.Module):
                  keypoint_heatmap_size: int = 56, min_box_size: float = 0.0, soft_mask_targets: bool = False,
                  legacy_mask_paste: bool = False, keypoint_score: str = "softmax", keypoint_loss_weight: float = 1.0,
                  mask_rois_per_image: int = 0):
-        """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
-        mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (the first ones of
-            each image's sample, which `sample_balanced` draws in random order: a uniform random subset, without
-            another draw from the RNG); 0 = all (the paper, detectron2, torchvision).
-        The four before it reproduce torchvision's conventions (defaults: detectron2's):
+        """The last four before keypoint_loss_weight reproduce torchvision's conventions (defaults: detectron2's):
         min_box_size: detections with a side < min_box_size are dropped before NMS (torchvision: 1e-2).
         soft_mask_targets: mask targets by RoIAlign of the bitmaps without the half-pixel shift and without
             thresholding (torchvision `project_masks_on_boxes`); used instead of polygons when a target has both.
         legacy_mask_paste: paste masks with `paste_masks_legacy` (torchvision / Detectron).
         keypoint_score: "softmax" (detectron2) or "logit" (torchvision), see `heatmaps_to_keypoints`.
+        keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
+        mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (the first ones of
+            each image's sample, which `sample_balanced` draws in random order: a uniform random subset, without
+            another draw from the RNG); 0 = all (the paper, detectron2, torchvision).
         """
         super().__init__()
         self.box_head, self.box_predictor = box_head, box_predictor
