@@ -222,7 +222,7 @@ _DEMO = _TINY + [
     "model.backbone.width_per_group=32", "model.roi_heads.num_classes=6",
     "model.rpn.anchor_sizes=(16, 32, 64, 128, 256)", "model.roi_heads.batch_size_per_image=128",
     "model.box_head.conv_dims=()", "model.box_head.fc_dims=(256, 256)", "model.mask_head.conv_dims=(64, 64, 64, 64)",
-    "model.mask_head.train_rois_per_image=8", "model.keypoint_head.enabled=True", "model.keypoint_head.loss_weight=0.1",
+    "model.mask_head.train_rois_per_image=4", "model.keypoint_head.enabled=True", "model.keypoint_head.loss_weight=0.1",
     "input.min_size_train=(128, 160)", "input.max_size_train=256", "input.min_size_test=192", "input.max_size_test=320",
     "solver.batch_size=4", "solver.lr=0.04", "solver.max_iter=1800", "solver.steps=(1200, 1600)",
     "solver.warmup_iters=100", "solver.checkpoint_period=500", "solver.eval_period=0", "solver.clip_grad_norm=10.0",
