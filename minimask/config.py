@@ -229,9 +229,9 @@ _DEMO = _TINY + [
 ]  # `python train.py --config demo`: boxes, masks and keypoints on the synthetic set, on a 2-core CPU in < 10 min.
 # Chosen by measured AP per minute of CPU (BENCHMARKS.md): a half-width ResNet-18 (stem and res2 at 32 channels)
 # trains 1.6x faster than the full one and, given the iterations that buys, ends higher; the 2fc box head is cheaper
-# than the 2-conv one; the 4-conv mask head adds 2.6 mask AP; training it on 8 foreground RoIs per image instead of
-# all of them (~28; on ~110 per batch it cost more than the backbone) makes a step 1.6x faster, and the iterations
-# that buys raise box and mask AP by ~5; the keypoint head's loss at weight 1 swamps the others (gradient norm 5x
+# than the 2-conv one; the 4-conv mask head adds 2.6 mask AP; training it on 4 foreground RoIs per image instead of
+# all of them (~28; on ~110 per batch it cost more than the backbone) makes a step 1.7x faster, and the iterations
+# that buys raise box and mask AP by ~4; the keypoint head's loss at weight 1 swamps the others (gradient norm 5x
 # theirs) and costs half the box AP, at 0.1 about 1 AP. Anchors halved: the synthetic objects (12-140 px, shrunk
 # ~0.5x in training) are smaller than the FPN's 32-512 px anchors assume. LR 0.01 per image (8x the linear-scaling
 # rule's) is the best of 0.005-0.02 per image measured for this short schedule; batch 4 gets 1.3x the images per
