@@ -44,7 +44,7 @@ from minimask.evaluation import evaluate_coco, gather_results, inference
 from minimask.runtime import (ArgumentParser, StopRequest, UsageError, autocast_context, code_version,
                               describe_divergence, ensure_writable_dir, in_collective, last_line, to_device)
 from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
-from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, training_lr
 from minimask.visualize import save_visualizations
 from minimask.weight_files import read_weights
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
@@ -120,6 +120,10 @@ def resolve_config(args):
               (s.batch_size >= 1, f"the batch size must be >= 1, got {s.batch_size}"),
               (cfg.data.train_subset >= 0, f"--train-subset must be >= 0 (0: all images), got {cfg.data.train_subset}"),
               (cfg.data.num_workers >= 0, f"--workers must be >= 0, got {cfg.data.num_workers}"),
+              (cfg.input.mask_format in ("polygon", "bitmask"),
+               f"input.mask_format must be polygon or bitmask, got {cfg.input.mask_format!r}"),
+              (cfg.data.min_keypoints_per_image >= 0,
+               f"data.min_keypoints_per_image must be >= 0, got {cfg.data.min_keypoints_per_image}"),
               (s.eval_period >= 0 and s.checkpoint_period >= 0, "eval and checkpoint periods must be >= 0"),
               (s.log_period >= 1 and s.keep_checkpoints >= 0, "need solver.log_period >= 1, keep_checkpoints >= 0"),
               (math.isfinite(s.lr) and s.lr >= 0, f"the learning rate must be finite and >= 0, got {s.lr}"),
@@ -149,17 +153,19 @@ def build_datasets(cfg, keys, splits):
     keypoints = cfg.model.keypoint_head.enabled
     inp = cfg.input
     train = CocoDetection(*splits["train"], filter_empty=cfg.data.filter_empty, keypoints=keypoints,
+                          min_keypoints_per_image=cfg.data.min_keypoints_per_image, mask_format=inp.mask_format,
                           transforms=build_transforms(min_sizes=inp.min_size_train, max_size=inp.max_size_train,
                                                       flip=inp.horizontal_flip, train=True))
-    val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints,
+    val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints, mask_format=inp.mask_format,
                         transforms=build_transforms(min_sizes=inp.min_size_test, max_size=inp.max_size_test,
                                                     flip=False, train=False))
     if len(train) == 0:  # an InfiniteSampler over nothing would fail at the first batch, deep in the loop
         st = train.stats
         raise UsageError(f"--data: no training image left in {splits['train'][0]} after filtering: {st['images']} "
                          f"images, {st['annotations']} annotations, of which {st['crowd']} crowd, {st['degenerate']} "
-                         f"with an empty box, {st['invalid_segmentation']} without a valid segmentation, "
-                         f"{st['no_visible_keypoints']} without visible keypoints")
+                         f"with an empty box, {st['invalid_segmentation']} without a valid segmentation; "
+                         f"{st['few_keypoints_images']} images with fewer than {cfg.data.min_keypoints_per_image} "
+                         f"visible keypoints")
     if keypoints and train.num_keypoints == 0:
         raise UsageError(f"--config predicts keypoints but {splits['train'][0]} has no keypoint annotations")
     if "model.roi_heads.num_classes" not in keys:
@@ -235,7 +241,7 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     main_process = rank == 0
     s = cfg.solver
-    lr = s.lr or scaled_lr(s.base_lr, s.batch_size)
+    lr = training_lr(s.lr, s.base_lr, s.batch_size)
     per_rank = s.batch_size // world_size
     model.to(device)
     optimizer = build_optimizer(model, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,

@@ -149,6 +149,9 @@ class InputConfig:
     min_size_test: int = 800  # D2 / D1 test scale
     max_size_test: int = 1333
     horizontal_flip: bool = True  # the paper's only augmentation in the baseline
+    # D2 INPUT.MASK_FORMAT: "polygon" rasterises COCO polygons inside each RoI (images whose masks are all polygons);
+    # "bitmask" decodes full-image bitmaps (torchvision's loader; its soft mask targets need them)
+    mask_format: str = "polygon"
 
 
 @dataclass
@@ -158,6 +161,9 @@ class DataConfig:
     filter_empty: bool = True  # D2: images without usable annotations are dropped from training
     val: str = ""  # evaluation data, same forms as `train`; "" = the val split of `train`'s root
     train_subset: int = 0  # train on this many images chosen with the seed (`subset_indices`); 0 = all
+    # Keypoint training leaves out images whose instances have fewer visible keypoints in all (D2
+    # ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE); persons without keypoints still train boxes and masks
+    min_keypoints_per_image: int = 1
 
 
 @dataclass
@@ -215,8 +221,9 @@ _TINY = [
     "input.min_size_train=(128,)", "input.max_size_train=128", "input.min_size_test=128", "input.max_size_test=128",
     "data.train=synthetic", "data.num_workers=0", "solver.batch_size=2", "solver.base_lr=0.01",
     "solver.max_iter=300", "solver.steps=(200, 270)", "solver.warmup_iters=50", "solver.checkpoint_period=100",
-    "solver.eval_period=100",
-]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs
+    "solver.eval_period=100", "data.min_keypoints_per_image=0",
+]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs; on the synthetic set, images
+# of shapes alone (no person, so no keypoint) train the box and mask heads of the keypoint models too
 
 _DEMO = _TINY + [
     "model.backbone.width_per_group=32", "model.roi_heads.num_classes=6",
@@ -247,7 +254,7 @@ _TORCHVISION = [
     "model.box_head.fc_dims=(1024, 1024)", "model.box_head.norm=", "model.box_head.reg_loss=smooth_l1",
     "model.box_head.smooth_l1_beta=0.1111111111111111", "model.mask_head.norm=", "model.mask_head.soft_targets=True",
     "model.mask_head.legacy_paste=True", "model.input_format=RGB", "model.pixel_scale=1.0",
-    "model.pixel_mean=(0.485, 0.456, 0.406)", "model.pixel_std=(0.229, 0.224, 0.225)",
+    "model.pixel_mean=(0.485, 0.456, 0.406)", "model.pixel_std=(0.229, 0.224, 0.225)", "input.mask_format=bitmask",
 ]  # TV maskrcnn_resnet50_fpn with its weights: FrozenBN, trainable_backbone_layers=3 (= freeze_at 2), 2fc head,
 # RoIAlign sampling 2 unaligned, smooth-L1 1/9, 91-slot COCO layout (labels 1..90 = COCO ids, N/A slots unused)
 _TORCHVISION_V2 = _TORCHVISION + [
@@ -265,8 +272,9 @@ _TORCHVISION_KEYPOINT = _TORCHVISION + [
 # Inference follows minimask's defaults (= D2); these set what each yaml changes: norms, pixel std (1 unless the
 # yaml sets the ImageNet std), stride_in_1x1, frozen stages, heads, and its multi-scale training sizes.
 _D2_SIZES = ["input.min_size_train=(640, 672, 704, 736, 768, 800)"]  # D2 Base-RCNN-FPN.yaml
-_D2_9X = ["solver.batch_size=64", "solver.base_lr=0.08", "solver.max_iter=202500", "solver.steps=(187500, 197500)",
-          "solver.eval_period=2500"]  # D2 scratch_*_9x_*.yaml (4x the batch, 9x the epochs)
+_D2_9X = ["solver.batch_size=64", "solver.base_lr=0.02", "solver.max_iter=202500", "solver.steps=(187500, 197500)",
+          "solver.eval_period=2500"]  # D2 scratch_*_9x_*.yaml (4x the batch, 9x the epochs). Its BASE_LR 0.08 is
+# the LR at its IMS_PER_BATCH 64; base_lr is given at batch 16 and scaled linearly (solver.training_lr): 0.08 again
 _D2_FROZENBN = _FROZENBN_2FC + _D2_SIZES  # D2 mask_rcnn_R_50_FPN_3x.yaml: MSRA ImageNet init, FrozenBN, 2fc
 _D2_GN = ["model.pixel_std=(1.0, 1.0, 1.0)"] + _D2_SIZES  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml (std 1, as C2)
 _D2_SYNCBN = _SYNCBN + _D2_SIZES  # D2 mask_rcnn_R_50_FPN_3x_syncbn.yaml
@@ -296,7 +304,7 @@ PRESETS: dict[str, list[str]] = {
     "r50_fpn_frozenbn": _FROZENBN_2FC,
     "r50_fpn_gn_cascade": ["model.cascade.enabled=True", "model.box_head.class_agnostic=True",
                            "model.rpn.post_nms_topk_train=2000"],  # D2 cascade_mask_rcnn_R_50_FPN_3x.yaml
-    "r50_fpn_gn_keypoint": _KEYPOINT,
+    "r50_fpn_gn_keypoint": _KEYPOINT + _D2_SIZES,  # D2 and D1 keypoint configs train at 640-800
     "r50_fpn_gn_box": ["model.mask_head.enabled=False"],  # Faster R-CNN
     "tiny": _TINY,
     "demo": _DEMO,

@@ -254,7 +254,10 @@ class RoIHeads(nn.Module):
     def _mask_targets(self, foreground: RoISamples, target: dict) -> Tensor:
         """(F, M, M) binary targets: from the GT polygons when the target carries them (rasterised inside each RoI,
         detectron2's default for COCO), else by RoIAlign-ing the full-size bitmaps."""
-        if "polygons" in target and not (self.soft_mask_targets and "masks" in target):  # TV: always bitmaps
+        if self.soft_mask_targets and "masks" not in target:
+            raise ValueError("soft mask targets (torchvision's) are computed from bitmaps, but a target carries only "
+                             "polygons: load the data with input.mask_format=bitmask")
+        if "polygons" in target and not self.soft_mask_targets:
             matched = foreground.matched_idxs.tolist()
             return polygon_mask_targets([target["polygons"][i] for i in matched], foreground.boxes, self.mask_size)
         return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size,

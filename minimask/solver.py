@@ -125,6 +125,13 @@ def scaled_lr(base_lr: float, batch_size: int, reference_batch: int = 16) -> flo
     return float(base_lr) * batch_size / reference_batch
 
 
+def training_lr(lr: float, base_lr: float, batch_size: int) -> float:
+    """The learning rate a run trains at: `lr` when it is set (> 0), else `base_lr`, which is given at batch 16,
+    scaled linearly to `batch_size` (`scaled_lr`). train.py uses it for solver.lr / solver.base_lr; the preset tests
+    check its result against each preset's source (detectron2's BASE_LR at its IMS_PER_BATCH)."""
+    return float(lr) if lr > 0 else scaled_lr(base_lr, batch_size)
+
+
 def build_optimizer(
     model: nn.Module,
     *,

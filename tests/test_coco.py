@@ -54,7 +54,8 @@ def _rect_poly(x0, y0, x1, y1):
 
 
 def test_coco_mini_val_matches_pycocotools(coco_mini):
-    ds = CocoDetection(coco_mini / "annotations" / "instances_val2017.json", coco_mini / "val2017")
+    ds = CocoDetection(coco_mini / "annotations" / "instances_val2017.json", coco_mini / "val2017",
+                       mask_format="bitmask")
     coco = ds.coco
     crowd = [a for a in coco.dataset["annotations"] if a["iscrowd"]]
     assert len(crowd) == 5 and ds.stats["crowd"] == 5
@@ -79,6 +80,31 @@ def test_coco_mini_val_matches_pycocotools(coco_mini):
     assert seen == 619
 
 
+def test_coco_mini_polygons_reach_the_target_undecoded(coco_mini, monkeypatch):
+    """mask_format="polygon" (the default): images whose instances are all polygons carry the JSON's polygons and no
+    bitmap is decoded for them; images with an RLE instance carry bitmaps for all."""
+    ann_file = coco_mini / "annotations" / "instances_train2017.json"
+    ds = CocoDetection(ann_file, coco_mini / "train2017")
+    decoded = []
+    original = CocoDetection._decode_masks
+    monkeypatch.setattr(CocoDetection, "_decode_masks",
+                        staticmethod(lambda segms, h, w: decoded.append(len(segms)) or original(segms, h, w)))
+    polygon_images = bitmap_images = 0
+    for i in range(len(ds)):
+        _, target = ds[i]
+        anns = [a for a in ds.coco.imgToAnns[target["image_id"]] if not a["iscrowd"]]
+        if all(isinstance(a["segmentation"], list) for a in anns):
+            assert "masks" not in target and len(target["polygons"]) == len(anns) == len(target["boxes"])
+            for ann, polygons in zip(anns, target["polygons"]):
+                assert [p.tolist() for p in polygons] == [p for p in ann["segmentation"] if len(p) >= 6]
+                assert all(p.dtype == np.float64 for p in polygons)
+            polygon_images += 1
+        else:
+            assert "polygons" not in target and target["masks"].shape[0] == len(anns)
+            bitmap_images += 1
+    assert polygon_images == len(ds) - bitmap_images > 0 and len(decoded) == bitmap_images
+
+
 def test_label_map_round_trip(coco_mini):
     ds = CocoDetection(coco_mini / "annotations" / "instances_val2017.json", coco_mini / "val2017")
     assert ds.category_ids == sorted(ds.coco.cats) and ds.category_ids[0] == 1 and ds.category_ids[-1] == 90
@@ -95,29 +121,39 @@ def test_coco_mini_keypoints(coco_mini):
     assert ds.keypoint_names[0] == "nose" and len(ds.keypoint_names) == 17
     anns = ds.coco.dataset["annotations"]
     visible = [a for a in anns if not a["iscrowd"] and max(a["keypoints"][2::3]) > 0]
-    assert len(visible) == 68 and ds.stats["kept_annotations"] == 68
-    assert ds.stats["no_visible_keypoints"] == len(anns) - ds.stats["crowd"] - 68
-    kept = 0
+    persons = [a for a in anns if not a["iscrowd"]]
+    # Persons without a labelled keypoint stay box and mask targets (detectron2); only the keypoint loss skips them.
+    assert len(visible) == 68 and ds.stats["kept_annotations"] == len(persons) == 118 - ds.stats["crowd"]
+    assert ds.stats["no_visible_keypoints"] == len(persons) - 68 > 0
     for i in range(len(ds)):
         _, target = ds[i]
-        ref = [a for a in ds.coco.imgToAnns[target["image_id"]] if a in visible]
+        ref = [a for a in ds.coco.imgToAnns[target["image_id"]] if a in persons]
         kps = target["keypoints"]
-        assert kps.shape == (len(ref), 17, 3) and kps.dtype == torch.float32 and len(target["masks"]) == len(ref)
+        masks = target["polygons"] if "polygons" in target else target["masks"]
+        assert kps.shape == (len(ref), 17, 3) and kps.dtype == torch.float32 and len(masks) == len(ref)
         for a, k in zip(ref, kps):
             raw = torch.tensor(a["keypoints"], dtype=torch.float32).reshape(17, 3)
             labelled = raw[:, 2] > 0
             torch.testing.assert_close(k[labelled, :2], raw[labelled, :2] + 0.5)  # detectron2 +0.5
             assert (k[~labelled, :2] == 0).all() and torch.equal(k[:, 2], raw[:, 2])
-            assert (k[:, 2] > 0).any()
-        kept += len(ref)
-    assert kept == 68
+    # For training, detectron2's MIN_KEYPOINTS_PER_IMAGE = 1 leaves out the images none of whose persons has a
+    # visible keypoint; their persons without keypoints elsewhere stay.
+    train = CocoDetection(ann_file, coco_mini / "val2017", min_keypoints_per_image=1)
+    with_keypoints = {a["image_id"] for a in visible}
+    assert set(train.ids) == with_keypoints and train.stats["few_keypoints_images"] == len(ds) - len(train) > 0
+    assert train.stats["kept_images"] == len(train)
+    many = CocoDetection(ann_file, coco_mini / "val2017", min_keypoints_per_image=40)
+    counts = {i: sum(sum(v > 0 for v in a["keypoints"][2::3]) for a in persons if a["image_id"] == i) for i in ds.ids}
+    assert set(many.ids) == {i for i, n in counts.items() if n >= 40} != set(ds.ids)
     # filter_empty=False keeps images without persons as negatives, with empty but well-shaped targets.
     ds_all = CocoDetection(ann_file, coco_mini / "val2017", filter_empty=False)
     assert len(ds_all) == 79 > len(ds)
     empty = next(i for i in range(len(ds_all)) if ds_all.ids[i] not in set(ds.ids))
     image, target = ds_all[empty]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
-    assert target["keypoints"].shape == (0, 17, 3) and target["masks"].shape == (0, *image.shape[-2:])
+    assert target["keypoints"].shape == (0, 17, 3) and target["polygons"] == []
+    _, target = CocoDetection(ann_file, coco_mini / "val2017", filter_empty=False, mask_format="bitmask")[empty]
+    assert target["masks"].shape == (0, *image.shape[-2:])
 
 
 def test_coco_mini_grayscale_jpeg(coco_mini):
@@ -148,6 +184,7 @@ def test_polygon_and_rle_masks(tmp_path):
     ds = CocoDetection(*_write_dataset(tmp_path, [_img(1)], anns))
     assert ds.stats["invalid_segmentation"] == 2 and ds.stats["kept_annotations"] == 4
     _, target = ds[0]
+    assert "polygons" not in target  # polygons and RLE mixed in one image: bitmaps for every instance
     masks = target["masks"]
     union = np.zeros((H, W), dtype=np.uint8)
     union[0:3, 0:3] = 1
@@ -155,6 +192,37 @@ def test_polygon_and_rle_masks(tmp_path):
     assert masks.shape == (4, H, W) and masks.dtype == torch.uint8 and masks.is_contiguous()
     for got, want in zip(masks, [expected, second, second, union]):
         assert torch.equal(got, torch.from_numpy(want))
+
+
+def test_polygon_only_image_passes_polygons_and_bitmask_format_decodes_them(tmp_path):
+    anns = [_ann(1, 1, [2, 2, 4, 3], segmentation=[[0, 0, 1, 1], _rect_poly(2, 2, 6, 5)]),  # < 3 points: ignored
+            _ann(2, 1, [0, 0, 12, 10], segmentation=[_rect_poly(0, 0, 3, 3), _rect_poly(8, 6, 10, 8)])]
+    files = _write_dataset(tmp_path, [_img(1)], anns)
+    _, target = CocoDetection(*files)[0]
+    assert "masks" not in target
+    assert [[p.tolist() for p in obj] for obj in target["polygons"]] == [
+        [_rect_poly(2, 2, 6, 5)], [_rect_poly(0, 0, 3, 3), _rect_poly(8, 6, 10, 8)]]
+    _, target = CocoDetection(*files, mask_format="bitmask")[0]
+    assert "polygons" not in target and target["masks"].shape == (2, H, W)
+    assert int(target["masks"][0].sum()) == 12 and int(target["masks"][1].sum()) == 9 + 4
+    with pytest.raises(ValueError, match="mask_format"):
+        CocoDetection(*files, mask_format="rle")
+
+
+def test_min_keypoints_per_image_crafted(tmp_path):
+    cats = [{"id": 1, "name": "person", "keypoints": ["a", "b"]}]
+    anns = [_ann(1, 1, [1, 1, 5, 5], category_id=1, keypoints=[2, 3, 2, 4, 4, 1]),  # image 1: 2 visible
+            _ann(2, 1, [1, 1, 5, 5], category_id=1, keypoints=[0, 0, 0, 0, 0, 0]),
+            _ann(3, 2, [1, 1, 5, 5], category_id=1, keypoints=[0, 0, 0, 0, 0, 0]),  # image 2: none
+            _ann(4, 3, [1, 1, 5, 5], category_id=1, keypoints=[3, 3, 1, 0, 0, 0])]  # image 3: 1 (v = 1 counts)
+    files = _write_dataset(tmp_path, [_img(1), _img(2), _img(3)], anns, categories=cats)
+    assert CocoDetection(*files).ids == [1, 2, 3]  # 0 (the default) keeps every image
+    ds = CocoDetection(*files, min_keypoints_per_image=1)
+    assert ds.ids == [1, 3] and ds.stats["few_keypoints_images"] == 1 and ds.stats["kept_images"] == 2
+    assert CocoDetection(*files, min_keypoints_per_image=2).ids == [1]
+    assert CocoDetection(*files, min_keypoints_per_image=5, keypoints=False).ids == [1, 2, 3]  # keypoint mode only
+    with pytest.raises(ValueError, match="min_keypoints_per_image"):
+        CocoDetection(*files, min_keypoints_per_image=-1)
 
 
 def test_mask_free_file_has_no_masks(tmp_path):
@@ -209,7 +277,10 @@ def test_keypoint_mode_crafted(tmp_path):
     ds = CocoDetection(*files)
     _, target = ds[0]
     assert ds.num_keypoints == 2 and ds.keypoint_names == names and ds.stats["no_visible_keypoints"] == 1
-    torch.testing.assert_close(target["keypoints"], torch.tensor([[[2.5, 3.5, 2.0], [0.0, 0.0, 0.0]]]))
+    # the person without keypoints stays a box target, with every keypoint unlabelled
+    assert len(target["boxes"]) == 2 and ds.stats["kept_annotations"] == 2
+    torch.testing.assert_close(target["keypoints"], torch.tensor([[[2.5, 3.5, 2.0], [0.0, 0.0, 0.0]],
+                                                                  [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]))
     ds = CocoDetection(*files, keypoints=False)  # plain detection: both persons kept, no keypoints
     _, target = ds[0]
     assert "keypoints" not in target and len(target["boxes"]) == 2 and ds.num_keypoints == 0

@@ -69,7 +69,7 @@ def test_crops_and_center_crop_shapes():
     assert random_resized_crop(image, 24).shape == (3, 24, 24)
     # centre crop of a constant-per-column image keeps the central columns
     ramp = torch.arange(40.0).repeat(3, 10, 1) / 40  # (3, 10, 40)
-    assert center_crop(ramp, 10)[0, 0].mean() == pytest.approx(ramp[0, 0, 15:25].mean(), abs=0.02)
+    assert center_crop(ramp, 10)[0, 0].mean().item() == pytest.approx(ramp[0, 0, 15:25].mean().item(), abs=0.02)
 
 
 def test_topk_correct_against_hand_counts():

@@ -228,3 +228,49 @@ def test_export_keypoints():
     assert export_keypoints(keypoints).tolist() == [[[10.0, 3.0, 2.0], [0.0, 0.0, 0.0]]]
     with pytest.raises(ValueError):
         export_keypoints(torch.zeros(2, 2))
+
+
+def test_polygons_resize_and_flip_hand_checked():
+    import numpy as np
+
+    polygons = [[np.array([0.0, 0.0, 10.0, 0.0, 10.0, 5.0])], [np.array([2.0, 1.0, 4.0, 1.0, 3.0, 3.0]),
+                                                               np.array([6.0, 6.0, 8.0, 6.0, 7.0, 9.0])]]
+    target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 5.0], [2.0, 1.0, 8.0, 9.0]]), "labels": torch.tensor([1, 2]),
+              "polygons": polygons}
+    image = torch.rand(3, 10, 20)
+    _, resized = resize(image, target, (20, 30))  # x * 1.5, y * 2
+    assert resized["polygons"][0][0].tolist() == [0.0, 0.0, 15.0, 0.0, 15.0, 10.0]
+    assert resized["polygons"][1][1].tolist() == [9.0, 12.0, 12.0, 12.0, 10.5, 18.0]
+    _, flipped = hflip(image, target)  # x -> 20 - x
+    assert flipped["polygons"][0][0].tolist() == [20.0, 0.0, 10.0, 0.0, 10.0, 5.0]
+    assert flipped["polygons"][1][0].tolist() == [18.0, 1.0, 16.0, 1.0, 17.0, 3.0]
+    assert polygons[0][0].tolist() == [0.0, 0.0, 10.0, 0.0, 10.0, 5.0]  # the input target is untouched
+    _, back = hflip(*hflip(image, target))
+    assert all(np.array_equal(a, b) for obj_a, obj_b in zip(back["polygons"], polygons) for a, b in zip(obj_a, obj_b))
+    with pytest.raises(ValueError, match="different numbers of instances"):
+        resize(image, {**target, "polygons": polygons[:1]}, (20, 30))
+
+
+def test_polygon_targets_after_transforms_agree_with_bitmap_targets():
+    """The same objects as polygons and as bitmaps, resized and flipped: the mask head's 28 x 28 targets from the
+    moved polygons (rasterised in the box) and from the moved bitmaps (RoIAlign + 0.5 threshold) agree."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from minimask.mask_head import mask_targets, polygon_mask_targets
+
+    h, w = 60, 80
+    polygons = [[[10.0, 8.0, 50.0, 12.0, 30.0, 50.0]], [[40.0, 20.0, 75.0, 20.0, 75.0, 55.0, 40.0, 55.0],
+                                                      [5.0, 40.0, 20.0, 40.0, 12.0, 58.0]]]
+    masks = torch.from_numpy(np.stack([mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p, h, w)))
+                                       for p in polygons]))  # (2, H, W)
+    boxes = torch.tensor([[10.0, 8.0, 50.0, 50.0], [5.0, 20.0, 75.0, 58.0]])
+    target = {"boxes": boxes, "labels": torch.tensor([1, 1]), "masks": masks,
+              "polygons": [[np.array(p) for p in obj] for obj in polygons]}
+    image = torch.rand(3, h, w)
+    _, moved = hflip(*resize(image, target, (90, 120)))
+    from_polygons = polygon_mask_targets(moved["polygons"], moved["boxes"], 28)
+    from_bitmaps = mask_targets(moved["masks"], moved["boxes"], torch.tensor([0, 1]), 28)
+    for a, b in zip(from_polygons, from_bitmaps):
+        iou = (a * b).sum() / ((a + b) > 0).sum()
+        assert iou > 0.9, iou

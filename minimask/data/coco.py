@@ -14,8 +14,15 @@ loading conventions (`data/datasets/coco.py`, `data/detection_utils.py`):
   indexed with pycocotools. All filtering is decided at construction from the JSON alone (no image decoding):
   crowd annotations (`iscrowd=1`) never reach targets (COCOeval reads them from the JSON itself); boxes are
   converted xywh -> xyxy, clipped to the image, and dropped when empty; non-crowd instances without a usable
-  segmentation (in files with segmentations) and, for keypoint files, persons without any visible keypoint are
-  dropped. The counts are in `dataset.stats` and logged once on logger "minimask.data".
+  segmentation (in files with segmentations) are dropped. In keypoint files, persons without any labelled keypoint
+  stay box and mask targets (only the keypoint loss skips them, detectron2 `select_proposals_with_visible_keypoints`);
+  for training, images with fewer than `min_keypoints_per_image` visible keypoints in all are left out (detectron2
+  `filter_images_with_few_keypoints`, MIN_KEYPOINTS_PER_IMAGE = 1). The counts are in `dataset.stats` and logged
+  once on logger "minimask.data".
+- Masks: where every instance of an image is given as polygons (COCO's usual form) and `mask_format="polygon"`
+  (detectron2's INPUT.MASK_FORMAT default), the target carries the `polygons` themselves and no bitmap is decoded:
+  the mask head rasterises them inside each RoI (`minimask.mask_head.polygon_mask_targets`). RLE instances, an image
+  that mixes RLE with polygons, and `mask_format="bitmask"` give full-image bitmaps (`masks`) for all its instances.
 """
 from __future__ import annotations
 
@@ -190,15 +197,20 @@ class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format instance dataset: `dataset[i] -> (image, target)`.
 
     image: float32 (3, H, W) RGB in [0, 1] (see `load_image`). target: `boxes` (N, 4) float32 xyxy in
-    continuous pixels, `labels` (N,) int64 in 1..K, `masks` (N, H, W) uint8 when the file has segmentations,
-    `keypoints` (N, K_kp, 3) float32 (x + 0.5, y + 0.5, v) in keypoint mode, `image_id` int, `orig_size`
-    (H0, W0) of the decoded image; then `image, target = transforms(image, target)` when given. N may be 0.
+    continuous pixels, `labels` (N,) int64 in 1..K, and when the file has segmentations either `polygons` (a list
+    of N lists of flat float64 arrays [x0, y0, x1, y1, ...] in continuous pixels, one per polygon of the object) or
+    `masks` (N, H, W) uint8 (see the module docstring for which); `keypoints` (N, K_kp, 3) float32
+    (x + 0.5, y + 0.5, v) in keypoint mode, `image_id` int, `orig_size` (H0, W0) of the decoded image; then
+    `image, target = transforms(image, target)` when given. N may be 0.
 
     Labels: category ids sorted ascending map to 1..K; `category_ids[k - 1]` is the id of label k.
     filter_empty: drop images with no usable (non-crowd, non-degenerate, ...) instance; False keeps them.
-    keypoints: None = auto (True when a category lists keypoint names). In keypoint mode, instances of a keypoint
-        category (COCO: person) with no labelled keypoint (all v == 0) are dropped from the targets (they cannot
-        train the keypoint head); instances of other categories keep all-zero (unlabelled) keypoints.
+    keypoints: None = auto (True when a category lists keypoint names). In keypoint mode every instance carries
+        (K_kp, 3) keypoints; those with none labelled (all v == 0, like other categories' instances) still train the
+        box and mask heads, and the keypoint head skips them.
+    min_keypoints_per_image: in keypoint mode, leave out images whose instances have fewer visible (v > 0)
+        keypoints than this in all (detectron2 MIN_KEYPOINTS_PER_IMAGE: 1 for training; 0 keeps every image).
+    mask_format: "polygon" passes polygons where an image's instances all have them; "bitmask" always decodes.
     skip_bad_images: False -> a missing/corrupt image raises ImageLoadError naming it. True -> `dataset[i]`
         returns the next loadable sample (i+1, i+2, ..., wrapping) with that sample's own target and adds 1 to
         `stats["skipped_images"]` per bad file met; inside DataLoader workers each worker holds its own copy, so
@@ -208,8 +220,13 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, ann_file, image_dir, *, transforms=None, filter_empty=True, skip_bad_images=False,
-                 keypoints=None):
+                 keypoints=None, min_keypoints_per_image=0, mask_format="polygon"):
+        if mask_format not in ("polygon", "bitmask"):
+            raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got {mask_format!r}")
+        if min_keypoints_per_image < 0:
+            raise ValueError(f"min_keypoints_per_image must be >= 0, got {min_keypoints_per_image}")
         self.ann_file, self.image_dir = os.fspath(ann_file), os.fspath(image_dir)
+        self.mask_format = mask_format
         self.transforms, self.skip_bad_images = transforms, skip_bad_images
         with open(self.ann_file, encoding="utf-8") as f:
             try:
@@ -237,16 +254,14 @@ class CocoDetection(torch.utils.data.Dataset):
         self.keypoints = bool(keypoints)
         self.keypoint_names = list(next(iter(kp_names))) if self.keypoints else []
         self.num_keypoints = len(self.keypoint_names)
-        # In keypoint mode only the categories that define keypoint names (COCO: person) need a visible keypoint;
-        # other classes stay as box/mask targets with every keypoint unlabelled (v = 0, ignored by the loss).
-        keypoint_categories = {c["id"] for c in cats if c.get("keypoints")}
+        keypoint_categories = {c["id"] for c in cats if c.get("keypoints")}  # COCO: person
         self.has_masks = any("segmentation" in a for a in data["annotations"] if not a["iscrowd"])
 
         self._images = {img["id"]: img for img in data["images"]}
         self._instances = {img_id: [] for img_id in self._images}  # image id -> [(box, label, segm, kps)]
         stats = dict(images=len(self._images), kept_images=0, annotations=len(data["annotations"]),
                      kept_annotations=0, crowd=0, degenerate=0, invalid_segmentation=0, no_visible_keypoints=0,
-                     skipped_images=0)
+                     few_keypoints_images=0, skipped_images=0)
         for ann in data["annotations"]:
             if ann["iscrowd"]:
                 stats["crowd"] += 1
@@ -265,23 +280,31 @@ class CocoDetection(torch.utils.data.Dataset):
                 stats["invalid_segmentation"] += 1
                 continue
             kps = ann.get("keypoints")
-            if self.keypoints and ann["category_id"] in keypoint_categories:
-                if not (kps and len(kps) == 3 * self.num_keypoints and max(kps[2::3]) > 0):
-                    stats["no_visible_keypoints"] += 1
-                    continue
-            elif self.keypoints:  # a class without keypoints (e.g. the synthetic set's shapes): all unlabelled
-                kps = [0.0] * (3 * self.num_keypoints)
+            if self.keypoints:
+                if not (kps and len(kps) == 3 * self.num_keypoints):  # e.g. the synthetic set's shapes
+                    kps = [0.0] * (3 * self.num_keypoints)  # all unlabelled (v = 0): no keypoint loss
+                if ann["category_id"] in keypoint_categories and max(kps[2::3]) <= 0:
+                    stats["no_visible_keypoints"] += 1  # kept: such persons still train the box and mask heads
             self._instances[img["id"]].append((box, label_of[ann["category_id"]], segm, kps))
             stats["kept_annotations"] += 1
         self.ids = sorted(i for i, inst in self._instances.items() if inst or not filter_empty)
+        if self.keypoints and min_keypoints_per_image > 0:
+            def visible(img_id):
+                return sum(sum(v > 0 for v in kps[2::3]) for _, _, _, kps in self._instances[img_id])
+
+            kept = [i for i in self.ids if visible(i) >= min_keypoints_per_image]
+            stats["few_keypoints_images"] = len(self.ids) - len(kept)
+            self.ids = kept
         stats["kept_images"] = len(self.ids)
         self.stats = stats
         dropped = stats["degenerate"] + stats["invalid_segmentation"]
         logger.log(logging.WARNING if dropped else logging.INFO,
-                   "%s: kept %d of %d images, %d of %d annotations (dropped: %d crowd, %d degenerate boxes, "
-                   "%d without a valid segmentation, %d without visible keypoints)", self.ann_file,
-                   stats["kept_images"], stats["images"], stats["kept_annotations"], stats["annotations"],
-                   stats["crowd"], stats["degenerate"], stats["invalid_segmentation"], stats["no_visible_keypoints"])
+                   "%s: kept %d of %d images (%d left out with fewer than %d visible keypoints), %d of %d "
+                   "annotations (dropped: %d crowd, %d degenerate boxes, %d without a valid segmentation; kept: %d "
+                   "without visible keypoints)", self.ann_file, stats["kept_images"], stats["images"],
+                   stats["few_keypoints_images"], min_keypoints_per_image, stats["kept_annotations"],
+                   stats["annotations"], stats["crowd"], stats["degenerate"], stats["invalid_segmentation"],
+                   stats["no_visible_keypoints"])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -326,7 +349,12 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": (h, w),
         }
         if self.has_masks:
-            target["masks"] = self._decode_masks([s for _, _, s, _ in instances], h, w)  # (N, H, W)
+            segms = [s for _, _, s, _ in instances]
+            if self.mask_format == "polygon" and all(isinstance(s, list) for s in segms):
+                # Rasterised later inside each RoI; no full-image bitmap is ever made.
+                target["polygons"] = [[np.asarray(p, dtype=np.float64) for p in s] for s in segms]
+            else:
+                target["masks"] = self._decode_masks(segms, h, w)  # (N, H, W)
         if self.keypoints:
             kps = np.asarray([k for _, _, _, k in instances], dtype=np.float32).reshape(-1, self.num_keypoints, 3)
             # detectron2 convention: COCO stores integer pixel indices; +0.5 moves labelled points to pixel centres

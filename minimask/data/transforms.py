@@ -10,6 +10,9 @@ training shorter side from [640, 800] (reference spec Sec. 8.4 and 9.4). detectr
   coverage in [0, 1] once resized) and `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel
   coordinates (the dataset adds +0.5 to COCO's integer pixel indices; `export_keypoints` undoes it for results
   files), plus `image_id` and `orig_size`, which pass through untouched.
+- `polygons` (a list with one entry per instance: a list of flat float64 arrays [x0, y0, x1, y1, ...] in continuous
+  pixel coordinates, COCO's polygons) may stand in for `masks`; they are scaled and flipped exactly like the boxes and
+  rasterised only inside each RoI by the mask head, never at image size.
 - Continuous coordinates make every geometric map exact: a resize scales x by W'/W and y by H'/H, and a flip maps
   x -> W - x. Keypoints that end up outside [0, W] x [0, H] get visibility 0 (D2 `transform_keypoint_annotations`).
 - The image is resized with bilinear interpolation, `align_corners=False` (pixel centres at +0.5, consistent with
@@ -28,6 +31,7 @@ Randomness (the scale draw, the flip coin) comes from torch's global CPU RNG, so
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +72,7 @@ def _check_target(target, height: int, width: int):
     keypoints = target.get("keypoints")
     if keypoints is not None and (keypoints.dim() != 3 or keypoints.shape[-1] != 3):
         raise ValueError(f"target['keypoints'] must be (N, K, 3), got {tuple(keypoints.shape)}")
-    n = {name: target[name].shape[0] for name in ("boxes", "labels", "masks", "keypoints") if name in target}
+    n = {name: len(target[name]) for name in ("boxes", "labels", "masks", "keypoints", "polygons") if name in target}
     if len(set(n.values())) > 1:
         raise ValueError(f"target entries have different numbers of instances: {n}")
 
@@ -102,8 +106,8 @@ def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) 
 def resize(image, target, size_hw):
     """Resize an image (3, H, W) and its target to `size_hw` = (H', W').
 
-    Image: bilinear, align_corners=False, antialias=False. Boxes and keypoint x, y are scaled per axis (W'/W, H'/H);
-    keypoints that land outside the image get v = 0. Masks (N, H, W) -> (N, H', W') float16 coverage in [0, 1]
+    Image: bilinear, align_corners=False, antialias=False. Boxes, polygons and keypoint x, y are scaled per axis
+    (W'/W, H'/H); keypoints that land outside the image get v = 0. Masks (N, H, W) -> (N, H', W') float16 coverage in [0, 1]
     (bilinear, antialiased when shrinking; see the module docstring).
     Other target keys pass through. The input target is not modified; `target` may be None. Works with N = 0.
     """
@@ -136,10 +140,24 @@ def resize(image, target, size_hw):
             coverage = F.interpolate(masks[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False,
                                      antialias=shrink)[0]  # (N, H', W')
             target["masks"] = coverage.clamp_(0, 1).to(torch.float16)  # half the memory; 1/2048 steps suffice
+    if "polygons" in target:
+        target["polygons"] = _map_polygons(target["polygons"], lambda xs: xs * sx, lambda ys: ys * sy)
     if "keypoints" in target:
         keypoints = target["keypoints"] * target["keypoints"].new_tensor([sx, sy, 1.0])  # (N, K, 3)
         target["keypoints"] = _invisible_outside(keypoints, new_h, new_w)
     return image, target
+
+
+def _map_polygons(polygons: list, fx, fy) -> list:
+    """New polygons with fx applied to every x coordinate and fy to every y (flat [x0, y0, x1, y1, ...] arrays)."""
+    mapped = []
+    for object_polygons in polygons:
+        mapped.append([])
+        for p in object_polygons:
+            q = np.array(p, dtype=np.float64)  # a copy: the input target is not modified
+            q[0::2], q[1::2] = fx(q[0::2]), fy(q[1::2])
+            mapped[-1].append(q)
+    return mapped
 
 
 def flip_permutation(flip_map, num_keypoints: int) -> list[int]:
@@ -167,7 +185,8 @@ def flip_permutation(flip_map, num_keypoints: int) -> list[int]:
 def hflip(image, target, flip_map=COCO_FLIP_MAP):
     """Flip an image (3, H, W) and its target horizontally.
 
-    Boxes: x -> W - x, so (x1, y1, x2, y2) -> (W - x2, y1, W - x1, y2). Masks are flipped along W. Keypoints: x -> W - x
+    Boxes: x -> W - x, so (x1, y1, x2, y2) -> (W - x2, y1, W - x1, y2). Masks are flipped along W, polygons'
+    x -> W - x. Keypoints: x -> W - x
     and left/right labels swapped by `flip_map` (pairs or a permutation, see `flip_permutation`); each point keeps its
     visibility through the swap; points outside the image get v = 0. Flipping twice is the identity.
     The input target is not modified; `target` may be None. Works with N = 0.
@@ -184,6 +203,8 @@ def hflip(image, target, flip_map=COCO_FLIP_MAP):
         target["boxes"] = torch.stack([width - x2, y1, width - x1, y2], dim=-1)  # (N, 4)
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)  # (N, H, W)
+    if "polygons" in target:
+        target["polygons"] = _map_polygons(target["polygons"], lambda xs: width - xs, lambda ys: ys)
     if "keypoints" in target:
         keypoints = target["keypoints"]
         perm = flip_permutation(flip_map, keypoints.shape[1])
