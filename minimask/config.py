@@ -316,6 +316,39 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
+# The detectron2 config file (under detectron2's configs/) that each preset follows. tests/test_presets.py checks
+# every preset's effective training settings (the LR at its batch, schedule, warm-up, input sizes, sampling, losses)
+# against its file, resolved through _BASE_ and detectron2's config/defaults.py; PRESET_DEVIATIONS are the only
+# differences allowed, each with its reason.
+PRESET_SOURCES = {
+    "r50_fpn_gn": "Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml",
+    "r50_fpn_syncbn": "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml",  # its 3x schedule; trained from scratch here
+    "r50_fpn_frozenbn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    "r50_fpn_gn_cascade": "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml",
+    "r50_fpn_gn_keypoint": "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml",
+    "d2_mask_rcnn_R_50_FPN_3x": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    "d2_mask_rcnn_R_101_FPN_3x": "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml",
+    "d2_faster_rcnn_R_50_FPN_3x": "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml",
+    "d2_faster_rcnn_R_101_FPN_3x": "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml",
+    "d2_keypoint_rcnn_R_50_FPN_3x": "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml",
+    "d2_keypoint_rcnn_R_101_FPN_3x": "COCO-Keypoints/keypoint_rcnn_R_101_FPN_3x.yaml",
+    "d2_cascade_mask_rcnn_R_50_FPN_3x": "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml",
+    "d2_mask_rcnn_R_50_FPN_3x_gn": "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml",
+    "d2_scratch_mask_rcnn_R_50_FPN_3x_gn": "Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml",
+    "d2_scratch_mask_rcnn_R_50_FPN_9x_gn": "Misc/scratch_mask_rcnn_R_50_FPN_9x_gn.yaml",
+    "d2_mask_rcnn_R_50_FPN_3x_syncbn": "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml",
+    "d2_scratch_mask_rcnn_R_50_FPN_9x_syncbn": "Misc/scratch_mask_rcnn_R_50_FPN_9x_syncbn.yaml",
+}
+_SINGLE_SCALE = ("the paper's baseline trains at one scale, 800 px, with flips only (Sec. 4, Detectron's TRAIN.SCALES "
+                 "(800,)); detectron2's files draw 640-800, the paper's scale-augmented setting")
+PRESET_DEVIATIONS = {  # preset -> {config key: reason}
+    "r50_fpn_gn": {"input.min_size_train": _SINGLE_SCALE},
+    "r50_fpn_syncbn": {"input.min_size_train": _SINGLE_SCALE},
+    "r50_fpn_frozenbn": {"input.min_size_train": _SINGLE_SCALE},
+    "r50_fpn_gn_cascade": {"input.min_size_train": _SINGLE_SCALE},
+}
+
+
 def get_config(name: str = "r50_fpn_gn", overrides: typing.Iterable[str] = ()) -> Config:
     """A fresh Config for preset `name`, with "dotted.key=value" overrides applied in order on top of it.
 
