@@ -138,6 +138,7 @@ def build_model(cfg: Config) -> MaskRCNN:
         pixel_std=m.pixel_std,
         size_divisibility=m.size_divisibility,
         channels_last=m.channels_last,
+        images_per_canvas=m.images_per_canvas,
     )
     if m.compile_backbone:
         model.backbone.compile()

@@ -135,6 +135,10 @@ class ModelConfig:
     pixel_mean: tuple = (103.530, 116.280, 123.675)  # D2 PIXEL_MEAN
     pixel_std: tuple = (57.375, 57.120, 58.395)  # D2 scratch_mask_rcnn_R_50_FPN_9x_gn.yaml PIXEL_STD
     size_divisibility: int = 32  # pad so every FPN level (stride up to 32) tiles the image exactly (D2)
+    # A process's batch is padded on canvases of this many images, like detectron2's per-GPU batch of 2 (16 images on
+    # one canvas pad 14 % of it against 6 % at 2 on COCO images, benchmarks/bench_padding.py); losses are the mean
+    # over canvases. 0 = the whole batch on one canvas.
+    images_per_canvas: int = 2
     channels_last: bool = False  # NHWC weights and activations, same results; not faster on the 2-core CPU (demo)
     # torch.compile (inductor) of the backbone and FPN, in place (parameter names unchanged). Each new input shape
     # compiles first (minutes); at one fixed shape the demo model's training step is 1.4x faster on the 2-core CPU
@@ -221,9 +225,10 @@ _TINY = [
     "input.min_size_train=(128,)", "input.max_size_train=128", "input.min_size_test=128", "input.max_size_test=128",
     "data.train=synthetic", "data.num_workers=0", "solver.batch_size=2", "solver.base_lr=0.01",
     "solver.max_iter=300", "solver.steps=(200, 270)", "solver.warmup_iters=50", "solver.checkpoint_period=100",
-    "solver.eval_period=100", "data.min_keypoints_per_image=0",
+    "solver.eval_period=100", "data.min_keypoints_per_image=0", "model.images_per_canvas=0",
 ]  # small widths for tests and the CPU demo: R18-FPN-64, 2-conv heads, 128 px inputs; on the synthetic set, images
-# of shapes alone (no person, so no keypoint) train the box and mask heads of the keypoint models too
+# of shapes alone (no person, so no keypoint) train the box and mask heads of the keypoint models too, and the
+# whole batch shares one canvas (4 synthetic images at 128-160 px pad 26 % of it, 2 pad 22 %: bench_padding.py)
 
 _DEMO = _TINY + [
     "model.backbone.width_per_group=32", "model.roi_heads.num_classes=6",
@@ -255,8 +260,10 @@ _TORCHVISION = [
     "model.box_head.smooth_l1_beta=0.1111111111111111", "model.mask_head.norm=", "model.mask_head.soft_targets=True",
     "model.mask_head.legacy_paste=True", "model.input_format=RGB", "model.pixel_scale=1.0",
     "model.pixel_mean=(0.485, 0.456, 0.406)", "model.pixel_std=(0.229, 0.224, 0.225)", "input.mask_format=bitmask",
+    "model.images_per_canvas=0",
 ]  # TV maskrcnn_resnet50_fpn with its weights: FrozenBN, trainable_backbone_layers=3 (= freeze_at 2), 2fc head,
-# RoIAlign sampling 2 unaligned, smooth-L1 1/9, 91-slot COCO layout (labels 1..90 = COCO ids, N/A slots unused)
+# RoIAlign sampling 2 unaligned, smooth-L1 1/9, 91-slot COCO layout (labels 1..90 = COCO ids, N/A slots unused),
+# bitmap masks and one canvas for the whole batch (its loader and GeneralizedRCNNTransform)
 _TORCHVISION_V2 = _TORCHVISION + [
     "model.backbone.norm=BN", "model.backbone.freeze_norms=False", "model.fpn.norm=BN", "model.rpn.head_conv_depth=2",
     "model.box_head.conv_dims=(256, 256, 256, 256)", "model.box_head.fc_dims=(1024,)", "model.box_head.norm=BN",

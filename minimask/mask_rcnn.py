@@ -34,6 +34,7 @@ class MaskRCNN(nn.Module):
         pixel_std: tuple = (57.375, 57.120, 58.395),
         size_divisibility: int = 32,
         channels_last: bool = False,
+        images_per_canvas: int = 0,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -44,6 +45,9 @@ class MaskRCNN(nn.Module):
         self.num_classes, self.num_keypoints = num_classes, num_keypoints
         self.input_format, self.pixel_scale, self.size_divisibility = input_format, pixel_scale, size_divisibility
         self.channels_last = channels_last
+        if images_per_canvas < 0:
+            raise ValueError(f"images_per_canvas must be >= 0 (0: the whole batch on one canvas), got {images_per_canvas}")
+        self.images_per_canvas = images_per_canvas
         # Buffers so that they follow .to(device) and are saved with the model (they define its pixel convention).
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=True)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=True)
@@ -57,6 +61,22 @@ class MaskRCNN(nn.Module):
             if targets is None:
                 raise ValueError("targets are required in training mode")
             self._check_targets(images, targets)
+        n = self.images_per_canvas or len(images)
+        if len(images) <= n:
+            return self._forward_canvas(images, targets)
+        # detectron2 pads each GPU's 2 images on a canvas of their own; a process holding more images does the same
+        # for each group of n, so that padding (zeros in GroupNorm's statistics, easy negative anchors) stays what it
+        # is at n images per canvas. The losses are the mean over the groups, weighted by their images, as
+        # detectron2's gradient is the mean over its GPUs.
+        starts = range(0, len(images), n)
+        outputs = [self._forward_canvas(images[i:i + n], targets[i:i + n] if self.training else None) for i in starts]
+        if not self.training:
+            return [detection for output in outputs for detection in output]
+        weights = [len(images[i:i + n]) / len(images) for i in starts]
+        return {name: sum(w * output[name] for w, output in zip(weights, outputs)) for name in outputs[0]}
+
+    def _forward_canvas(self, images: list[Tensor], targets: list[dict] | None):
+        """The detector on images padded to one canvas: losses (training) or one detection dict per image."""
         batch, image_sizes = self.preprocess(images)
         if self.channels_last:  # NHWC activations: the layout oneDNN and tensor-core convolutions prefer
             batch = batch.contiguous(memory_format=torch.channels_last)

@@ -152,18 +152,22 @@ def _one_image_dataset(root, size_hw, bbox):
     return root / "ann.json", root / "img"
 
 
+@pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])
 @pytest.mark.parametrize("size_hw, bbox", [((1, 1), [0, 0, 1, 1]), ((100, 10_000), [100, 8, 5000, 80])])
-def test_tiny_and_very_wide_images_train_with_finite_losses(tmp_path, size_hw, bbox):
+def test_tiny_and_very_wide_images_train_with_finite_losses(tmp_path, size_hw, bbox, mask_format):
     """A 1 x 1 px image and one 10,000 px wide go through the tiny preset's training transforms (up-scaled, resp.
-    down-scaled to its longest side) and one training step of the tiny model with finite losses and gradients."""
+    down-scaled to its longest side) and one training step of the tiny model with finite losses and gradients, with
+    the polygon as it is and as a bitmap."""
     cfg = minimask.get_config("tiny", ["model.roi_heads.num_classes=1"])
     transforms = build_transforms(min_sizes=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
                                   flip=False, train=True)
-    ds = CocoDetection(*_one_image_dataset(tmp_path, size_hw, bbox), transforms=transforms)
+    ds = CocoDetection(*_one_image_dataset(tmp_path, size_hw, bbox), transforms=transforms, mask_format=mask_format)
     image, target = ds[0]
     h, w = image.shape[-2:]
     assert target["orig_size"] == size_hw and min(h, w) >= 1 and max(h, w) <= cfg.input.max_size_train
-    assert target["masks"].shape == (1, h, w) and target["boxes"].shape == (1, 4)
+    masks = target["polygons"] if mask_format == "polygon" else target["masks"]
+    assert len(masks) == 1 and target["boxes"].shape == (1, 4)
+    assert mask_format == "polygon" or target["masks"].shape == (1, h, w)
     model = minimask.build_model(cfg).train()
     losses = model([image], [target])
     total = sum(losses.values())

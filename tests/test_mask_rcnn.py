@@ -202,6 +202,40 @@ def test_polygon_targets_train_like_bitmaps():
         model([image], [{**with_polygons, "polygons": polygons[:1]}])
 
 
+def test_images_per_canvas_pads_each_group_alone_and_averages_its_losses():
+    """images_per_canvas = 2: every pair of the batch is padded on a canvas of its own (as each of detectron2's GPUs
+    pads its 2 images), and the losses equal those of the pairs run as separate batches, weighted by their images."""
+    scenes = [scene(96, 128, [(1, 10, 12, 60, 70)], seed=1), scene(128, 96, [(2, 20, 20, 80, 100)], seed=2),
+              scene(64, 64, [(3, 8, 8, 40, 50)], seed=3), scene(100, 80, [(1, 30, 10, 70, 90)], seed=4),
+              scene(70, 70, [(2, 5, 5, 60, 60)], seed=5)]
+    images, targets = [s[0] for s in scenes], [s[1] for s in scenes]
+    for t in targets:
+        del t["keypoints"]
+    model = minimask.build_model(get_config("tiny", ["model.images_per_canvas=2"]))
+    canvases = []
+    model.backbone.register_forward_pre_hook(lambda module, args: canvases.append(tuple(args[0].shape)))
+    torch.manual_seed(1)
+    losses = model(images, targets)
+    assert canvases == [(2, 3, 128, 128), (2, 3, 128, 96), (1, 3, 96, 96)]
+    torch.manual_seed(1)  # the same random draws, in the same order
+    parts = [model(images[i:i + 2], targets[i:i + 2]) for i in (0, 2, 4)]
+    for name, value in losses.items():
+        expected = (2 * parts[0][name] + 2 * parts[1][name] + parts[2][name]) / 5
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+        alone = [d for i in (0, 2, 4) for d in model(images[i:i + 2])]
+    assert len(detections) == 5
+    for d, a in zip(detections, alone):
+        assert all(torch.equal(d[k], a[k]) for k in ("boxes", "scores", "labels"))
+    canvases.clear()
+    model.images_per_canvas = 0  # the whole batch on one canvas
+    with torch.no_grad():
+        model(images)
+    assert canvases == [(5, 3, 128, 128)]
+
+
 def test_training_requires_targets():
     model = minimask.build_model(get_config("tiny"))
     with pytest.raises(ValueError, match="targets are required"):
