@@ -105,6 +105,31 @@ def test_coco_mini_polygons_reach_the_target_undecoded(coco_mini, monkeypatch):
     assert polygon_images == len(ds) - bitmap_images > 0 and len(decoded) == bitmap_images
 
 
+def test_polygons_flow_through_the_transforms_to_the_mask_head(coco_mini, monkeypatch):
+    """Loader -> resize and flip -> the mask head: the targets of a polygon image come from the polygons (rasterised
+    in each RoI), with mask_format="bitmask" from bitmaps, and both train."""
+    import minimask
+    import minimask.roi_heads as roi_heads
+    from minimask.data import build_transforms
+
+    calls = []
+    for name in ("polygon_mask_targets", "mask_targets"):
+        original = getattr(roi_heads, name)
+        monkeypatch.setattr(roi_heads, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    transforms = build_transforms(min_sizes=(128,), max_size=192, flip=True, train=True)
+    model = minimask.build_model(minimask.get_config("tiny", ["model.roi_heads.num_classes=80"])).train()
+    for mask_format, key, expected in (("polygon", "polygons", "polygon_mask_targets"),
+                                       ("bitmask", "masks", "mask_targets")):
+        ds = CocoDetection(coco_mini / "annotations" / "instances_train2017.json", coco_mini / "train2017",
+                           transforms=transforms, mask_format=mask_format)
+        torch.manual_seed(3)
+        image, target = ds[0]
+        assert key in target and max(image.shape[-2:]) <= 192 and len(target[key]) == len(target["boxes"]) > 0
+        calls.clear()
+        losses = model([image], [target])
+        assert calls == [expected] and torch.isfinite(losses["loss_mask"]) and losses["loss_mask"] > 0
+
+
 def test_label_map_round_trip(coco_mini):
     ds = CocoDetection(coco_mini / "annotations" / "instances_val2017.json", coco_mini / "val2017")
     assert ds.category_ids == sorted(ds.coco.cats) and ds.category_ids[0] == 1 and ds.category_ids[-1] == 90
