@@ -16,33 +16,32 @@ and 8/9 of the run (minimask.solver.lr_steps). Augmentation: random resized crop
 top-1 / top-5. Distributed as train.py (torchrun, gradients averaged by minimask.distributed). Outputs in
 --output: metrics.jsonl, model_<iter>.pth (resumable with --resume) and model_final.pth, whose "pretrain" entry
 records what the equal-compute accounting needs (iterations, batch size, images seen, image size, backbone).
-Exit codes: 0 done, 1 non-finite loss, 2 bad input.
+It runs the same training loop as train.py (minimask.engine.loop): exit codes 0 done or stopped by a signal,
+1 a non-finite loss or gradient, 2 bad input (an unreadable image or checkpoints included).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import minimask
-from minimask.checkpoint import (checkpoint_name, list_checkpoints, load_latest, prune_checkpoints, rng_state,
-                                 save_checkpoint, set_rng_state)
+from minimask.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from minimask.classification import BACKBONE_KEYS, PIXEL_KEYS, ImageFolder, build_classifier, evaluate, topk_correct
 from minimask.config import PRESETS, apply_override
 from minimask.data.samplers import build_train_loader, consumed_samples
-from minimask.distributed import (GradientAllReduce, barrier, broadcast_parameters, init_distributed,
-                                  reduce_dict_mean)
-from minimask.run_log import append_metrics, read_metrics, write_metrics
-from minimask.runtime import ArgumentParser, StopRequest, UsageError, code_version, ensure_writable_dir
-from minimask.solver import build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
+from minimask.engine import loop
+from minimask.runtime import ArgumentParser, UsageError, code_version, ensure_writable_dir
+from minimask.solver import build_optimizer, lr_at, lr_steps, scaled_lr
 
-EXIT_DIVERGED, EXIT_USAGE = 1, 2
+EXIT_USAGE = loop.EXIT_USAGE
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1  # ImageNet ResNet recipe (He et al. 2016; Goyal et al. 2017)
 
 
@@ -117,137 +116,123 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pretrain(*, args, cfg, model, train_set, val_set, output: Path, dist_info) -> int:
+    """Optimizer, data and the run's callbacks around the shared training loop (minimask.engine.loop.run); returns
+    the exit code."""
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
-    main_process = rank == 0
     per_rank = args.batch_size // world_size
     lr = args.lr or scaled_lr(REFERENCE_LR, args.batch_size, REFERENCE_BATCH)
     steps = lr_steps(args.iters)
     model.to(device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=args.weight_decay)
-    iteration, saved = 0, None
+    saved, iteration = None, 0
     if args.resume:
-        saved, path = load_latest(output)
-        if saved is not None:
-            model.backbone.load_state_dict(saved["model"])
-            if "optimizer" in saved:
-                optimizer.load_state_dict(saved["optimizer"])
-            iteration = int(saved["iteration"])
-            if main_process:
-                print(f"resumed from {path} at iteration {iteration}")
+        try:
+            saved, iteration = loop.resume(output, lambda state: restore(state, model, optimizer),
+                                           world_size=world_size, device=device)
+        except loop.ResumeError as e:
+            print(f"pretrain.py: error: {e}", file=sys.stderr)
+            loop.teardown(world_size)
+            return EXIT_USAGE
     if iteration >= args.iters:
         print(f"nothing to do: the run in {output} already finished {iteration} iterations")
+        loop.teardown(world_size)
         return 0
     if world_size > 1:
         broadcast_parameters(model)
     all_reduce = GradientAllReduce([p for p in model.parameters() if p.requires_grad]) if world_size > 1 else None
-    loader = build_train_loader(train_set, batch_size_per_rank=per_rank, seed=args.seed, rank=rank,
-                                world_size=world_size, start=consumed_samples(iteration, per_rank, world_size),
-                                num_workers=args.workers, aspect_grouping=False)
-    batches = iter(loader)
-    if saved is not None:
-        set_rng_state(saved["rng"][rank % len(saved["rng"])])
-    if main_process:
+    batches = iter(build_train_loader(train_set, batch_size_per_rank=per_rank, seed=args.seed, rank=rank,
+                                      world_size=world_size, start=consumed_samples(iteration, per_rank, world_size),
+                                      num_workers=args.workers, aspect_grouping=False))
+    if saved is not None:  # after iter(loader), which draws the loader's base seed from the RNG
+        loop.restore_rng(saved, rank)
+    if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"pre-training the {args.config} backbone ({cfg.model.backbone.depth} layers, norm "
               f"{cfg.model.backbone.norm}, {params:,} parameters) on {len(train_set)} images of "
               f"{len(train_set.classes)} classes at {args.image_size} px: {args.iters} iterations, batch "
               f"{args.batch_size} ({world_size} process(es), {device}), lr {lr:g}, steps {steps}")
+    log = loop.MetricsLog(output / "metrics.jsonl", iteration, enabled=rank == 0)
+    run = PretrainRun(args=args, cfg=cfg, model=model, optimizer=optimizer, train_set=train_set, val_set=val_set,
+                      output=output, dist_info=dist_info, log=log, lr=lr, steps=steps)
+    return loop.run(loop.TrainingLoop(
+        program="pretrain.py", model=model, optimizer=optimizer,
+        loss_fn=functools.partial(classification_loss, device=device), batches=batches,
+        lr_at=functools.partial(lr_at, base_lr=lr, max_iter=args.iters, steps=steps, warmup_iters=args.warmup_iters),
+        max_iter=args.iters, output=output, world_size=world_size, checkpoint=run.checkpoint, finish=run.finish,
+        log=log, evaluate=run.evaluate if val_set is not None else None, eval_period=args.eval_period,
+        checkpoint_period=args.checkpoint_period, log_period=args.log_period, max_grad_norm=args.clip_grad_norm,
+        all_reduce=all_reduce), iteration)
 
-    def info(top: dict | None) -> dict:
-        return {"preset": args.config, "data": str(args.data), "classes": list(train_set.classes),
-                "num_classes": len(train_set.classes), "train_images": len(train_set), "iterations": iteration,
-                "batch_size": args.batch_size, "images_seen": iteration * args.batch_size,
+
+def classification_loss(model, batch, *, device) -> dict:
+    """The loss function of the training loop: cross-entropy of the class logits, and the batch's top-1 (logged)."""
+    images, labels = batch
+    images = torch.stack(images).to(device)  # (B, 3, S, S)
+    labels = torch.as_tensor(labels, dtype=torch.int64, device=device)  # (B,)
+    logits = model(images)  # (B, K)
+    top1 = topk_correct(logits.detach(), labels, ks=(1,))[0].float() * 100.0 / len(labels)
+    return {"loss_classifier": F.cross_entropy(logits, labels), "top1": top1}
+
+
+def restore(saved: dict, model, optimizer) -> None:
+    model.backbone.load_state_dict(saved["model"])
+    if "optimizer" in saved:  # not in model_final.pth
+        optimizer.load_state_dict(saved["optimizer"])
+
+
+class PretrainRun:
+    """What pretrain.py does at the training loop's checkpoints, evaluations and end."""
+
+    def __init__(self, *, args, cfg, model, optimizer, train_set, val_set, output: Path, dist_info, log, lr, steps):
+        self.args, self.cfg, self.model, self.optimizer = args, cfg, model, optimizer
+        self.train_set, self.val_set, self.output, self.dist_info = train_set, val_set, output, dist_info
+        self.log, self.lr, self.steps = log, lr, steps
+
+    def checkpoint(self, name: str, iteration: int, top: dict | None = None) -> None:
+        """Save the backbone (a collective: every process's random state is gathered into it)."""
+        states = loop.gather_rng_states(self.dist_info.world_size)
+        if self.dist_info.rank != 0:
+            return
+        state = {"model": self.model.backbone_state(), "iteration": iteration, "rng": states,
+                 "pretrain": self.info(iteration, top)}
+        if name != "model_final.pth":
+            state["optimizer"] = self.optimizer.state_dict()
+        save_checkpoint(self.output / name, state)
+        prune_checkpoints(self.output, 2)
+
+    def evaluate(self, iteration: int) -> dict:
+        """Top-1 / top-5 on the val folder (a collective), logged by the main process."""
+        world_size = self.dist_info.world_size
+        top = evaluate(self.model, self.val_set, device=self.dist_info.device, rank=self.dist_info.rank,
+                       world_size=world_size, batch_size=max(self.args.batch_size // world_size, 16),
+                       num_workers=self.args.workers)
+        self.log.append({"iter": iteration, "kind": "eval", **top})
+        if self.dist_info.rank == 0:
+            print(f"evaluation at iteration {iteration}: top-1 {top['top1']:.2f}%, top-5 {top['top5']:.2f}% on "
+                  f"{top['images']} images", flush=True)
+        return top
+
+    def finish(self, iteration: int) -> None:
+        top = self.evaluate(iteration) if self.val_set is not None else None
+        self.checkpoint("model_final.pth", iteration, top)
+        if self.dist_info.rank == 0:
+            print(f"done: {iteration} iterations; backbone weights {self.output / 'model_final.pth'}")
+            print(json.dumps({k: v for k, v in self.info(iteration, None).items()
+                              if k in ("iterations", "batch_size", "images_seen", "image_size")}))
+
+    def info(self, iteration: int, top: dict | None) -> dict:
+        """What the equal-compute accounting needs (stored in the checkpoint's "pretrain" entry)."""
+        args, cfg = self.args, self.cfg
+        return {"preset": args.config, "data": str(args.data), "classes": list(self.train_set.classes),
+                "num_classes": len(self.train_set.classes), "train_images": len(self.train_set),
+                "iterations": iteration, "batch_size": args.batch_size, "images_seen": iteration * args.batch_size,
                 "image_size": args.image_size, "pixels_seen": iteration * args.batch_size * args.image_size ** 2,
-                "lr": lr, "steps": list(steps), "seed": args.seed, "world_size": world_size,
+                "lr": self.lr, "steps": list(self.steps), "seed": args.seed, "world_size": self.dist_info.world_size,
                 "backbone": {k: getattr(cfg.model.backbone, k) for k in BACKBONE_KEYS},
                 "pixel": {k: (list(v) if isinstance(v, tuple) else v)
                           for k, v in ((k, getattr(cfg.model, k)) for k in PIXEL_KEYS)},
                 "top1": None if top is None else top["top1"], "top5": None if top is None else top["top5"],
                 "code_version": code_version()}
-
-    def checkpoint(name: str, final_metrics: dict | None = None) -> None:
-        states = [rng_state()]
-        if world_size > 1:
-            states = [None] * world_size
-            torch.distributed.all_gather_object(states, rng_state())
-        if not main_process:
-            return
-        state = {"model": model.backbone_state(), "iteration": iteration, "rng": states,
-                 "pretrain": info(final_metrics)}
-        if name != "model_final.pth":
-            state["optimizer"] = optimizer.state_dict()
-        save_checkpoint(output / name, state)
-        prune_checkpoints(output, 2)
-
-    metrics_file = output / "metrics.jsonl"
-    history = read_metrics(metrics_file, before=iteration) if main_process else []
-    if main_process:
-        write_metrics(metrics_file, history)
-    model.train()
-    window, start = {}, time.perf_counter()
-    with StopRequest() as stop:
-        while iteration < args.iters:
-            images, labels = next(batches)
-            images = torch.stack(images).to(device)  # (B, 3, S, S)
-            labels = torch.as_tensor(labels, dtype=torch.int64, device=device)  # (B,)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(iteration, base_lr=lr, max_iter=args.iters, steps=steps,
-                                    warmup_iters=args.warmup_iters)
-            logits = model(images)  # (B, K)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if all_reduce is not None:
-                all_reduce.finish()
-            logged = reduce_dict_mean({"loss": loss.detach(),
-                                       "top1": topk_correct(logits.detach(), labels, ks=(1,))[0] * 100.0 / len(labels),
-                                       "stop": torch.tensor(float(bool(stop.signal_name)))})
-            if not math.isfinite(float(logged["loss"])):  # one sync per iteration, as train.py
-                print(f"pretrain.py: error: non-finite loss at iteration {iteration + 1}; stopping", file=sys.stderr)
-                return EXIT_DIVERGED
-            if args.clip_grad_norm:
-                clip_grad_norm([p for p in model.parameters() if p.grad is not None], args.clip_grad_norm)
-            optimizer.step()
-            iteration += 1
-            for k in ("loss", "top1"):
-                window[k] = window.get(k, 0.0) + float(logged[k])
-            window["n"] = window.get("n", 0) + 1
-            last = iteration == args.iters
-            if main_process and (iteration % args.log_period == 0 or last):
-                record = {"iter": iteration, "kind": "train", "loss": window["loss"] / window["n"],
-                          "top1": window["top1"] / window["n"], "lr": optimizer.param_groups[0]["lr"],
-                          "sec_per_iter": (time.perf_counter() - start) / window["n"]}
-                append_metrics(metrics_file, record, history)
-                print(f"iter {iteration}/{args.iters}  loss {record['loss']:.3f}  top1 {record['top1']:.1f}  "
-                      f"lr {record['lr']:.3g}  {record['sec_per_iter']:.2f} s/iter", flush=True)
-            if iteration % args.log_period == 0 or last:
-                window, start = {}, time.perf_counter()
-            if float(logged["stop"]) and not last:
-                checkpoint(checkpoint_name(iteration))
-                print(f"stop requested: saved a checkpoint at iteration {iteration}; rerun with --resume")
-                return 0
-            if not last and args.checkpoint_period and iteration % args.checkpoint_period == 0:
-                checkpoint(checkpoint_name(iteration))
-            if val_set is not None and (last or (args.eval_period and iteration % args.eval_period == 0)):
-                top = evaluate(model, val_set, device=device, rank=rank, world_size=world_size,
-                               batch_size=max(per_rank, 16), num_workers=args.workers)
-                if main_process:
-                    append_metrics(metrics_file, {"iter": iteration, "kind": "eval", **top}, history)
-                    print(f"evaluation at iteration {iteration}: top-1 {top['top1']:.2f}%, top-5 {top['top5']:.2f}% "
-                          f"on {top['images']} images", flush=True)
-                if last:
-                    checkpoint("model_final.pth", top)
-                start = time.perf_counter()
-            elif last:
-                checkpoint("model_final.pth")
-    if main_process:
-        print(f"done: {args.iters} iterations; backbone weights {output / 'model_final.pth'}")
-        print(json.dumps({k: v for k, v in info(None).items() if k in ("iterations", "batch_size", "images_seen",
-                                                                        "image_size")}))
-    if world_size > 1:
-        barrier()
-        torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ summary names the process that failed first).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,28 +31,26 @@ from pathlib import Path
 import torch
 
 import minimask
-from minimask.checkpoint import (checkpoint_name, list_checkpoints, load_latest, prune_checkpoints, rng_state,
-                                 save_checkpoint, set_rng_state, stream_changes)
+from minimask.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint, stream_changes
 from minimask.config import PRESETS, apply_override, to_dict
 from minimask.data import (CocoDetection, IndexSubset, build_test_loader, build_train_loader, build_transforms,
                            subset_indices)
 from minimask.data.coco import dataset_splits
 from minimask.data.samplers import consumed_samples, derive_seed
-from minimask.distributed import (GradientAllReduce, all_reduce_sum, barrier, broadcast_parameters, init_distributed,
-                                  reduce_dict_mean)
-from minimask.norm import recompute_bn_stats
+from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
+from minimask.engine import loop
 from minimask.evaluation import evaluate_coco, gather_results, inference
-from minimask.runtime import (ArgumentParser, StopRequest, UsageError, autocast_context, code_version,
-                              describe_divergence, ensure_writable_dir, in_collective, last_line, to_device)
-from minimask.run_log import append_metrics, max_memory_mb, plot_metrics, read_metrics, write_metrics
-from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, grad_norm, lr_at, lr_steps, training_lr
+from minimask.norm import recompute_bn_stats
+from minimask.run_log import plot_metrics
+from minimask.runtime import (ArgumentParser, UsageError, autocast_context, code_version, ensure_writable_dir,
+                              in_collective, last_line, to_device)
+from minimask.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
 from minimask.visualize import save_visualizations
 from minimask.weight_files import read_weights
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
                               load_initial_weights)
 
-EXIT_DIVERGED = 1
-EXIT_USAGE = 2
+EXIT_DIVERGED, EXIT_USAGE = loop.EXIT_DIVERGED, loop.EXIT_USAGE
 EXIT_PEER_LOST = 3
 PRECISE_BN_STREAM = 7  # precise BN draws its batches from the sample stream of base seed derive_seed(seed, 7, iter)
 
@@ -237,9 +236,9 @@ def prepare(args) -> dict:
 
 
 def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bool, label_map: dict) -> int:
-    """The training loop (see the module docstring); returns the exit code."""
+    """Optimizer, data and the run's callbacks around the shared training loop (minimask.engine.loop.run); returns
+    the exit code."""
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
-    main_process = rank == 0
     s = cfg.solver
     lr = training_lr(s.lr, s.base_lr, s.batch_size)
     per_rank = s.batch_size // world_size
@@ -248,190 +247,115 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
                                 weight_decay_norm=s.weight_decay_norm)
     autocast, scaler = autocast_context(device, s.amp)
     config_dict = to_dict(cfg)
-    if main_process:
+    if rank == 0:
         print(json.dumps(config_dict, indent=1))
         (output / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
         print(f"training {s.max_iter} iterations, global batch {s.batch_size} ({world_size} process(es), "
               f"{per_rank} per process, {device}), lr {lr:g} (steps {s.steps}), {len(train_set)} training images")
-
-    iteration, saved, unreadable = 0, None, 0
+    saved, iteration = None, 0
     if resume:
-        saved, path = load_latest(output)  # newest loadable; warns about each unreadable one it skips
-        if saved is None and list_checkpoints(output):
-            unreadable = 1  # all damaged or refused: never silently restart over them
-        elif saved is None:
-            print(f"--resume: no checkpoint in {output}; starting from scratch")
-        else:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scaler is not None and saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-            iteration = int(saved["iteration"])
-            print(f"resumed from {path} at iteration {iteration}")
-            changed = stream_changes(saved, config_dict, world_size)
-            if changed:
-                print(f"warning: resuming with a changed setup ({'; '.join(changed)}): the run will not repeat an "
-                      f"uninterrupted one exactly")
-    if world_size > 1:
-        # Every process must resume from the same iteration, or they would wait on each other forever. Each one
-        # reads --output itself, so it must be on a filesystem that every node sees.
-        bounds = torch.tensor([-iteration, iteration, unreadable], device=device)
-        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)  # (-min, max, any) over processes
-        if -bounds[0].item() != bounds[1].item():
-            print(f"train.py: error: the processes found different checkpoints to resume from in {output} (it must "
-                  f"be on a filesystem that every node shares)", file=sys.stderr)
-            teardown(world_size)
+        try:
+            saved, iteration = loop.resume(output, lambda state: restore(state, model, optimizer, scaler, config_dict,
+                                                                         world_size), world_size=world_size,
+                                           device=device)
+        except loop.ResumeError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            loop.teardown(world_size)
             return EXIT_USAGE
-        unreadable = int(bounds[2].item())
-    if unreadable:
-        print(f"train.py: error: --resume: none of the checkpoints in {output} can be loaded (damaged, or refused "
-              f"as possibly unsafe: see the warnings above); move them away to start afresh", file=sys.stderr)
-        teardown(world_size)
-        return EXIT_USAGE
     if iteration >= s.max_iter:
         print(f"nothing to do: the run in {output} already finished {iteration} iterations")
-        teardown(world_size)
+        loop.teardown(world_size)
         return 0
     if world_size > 1:
         broadcast_parameters(model)
     all_reduce = GradientAllReduce([p for p in model.parameters() if p.requires_grad]) if world_size > 1 else None
+    batches = iter(build_train_loader(train_set, batch_size_per_rank=per_rank, seed=cfg.seed, rank=rank,
+                                      world_size=world_size, start=consumed_samples(iteration, per_rank, world_size),
+                                      num_workers=cfg.data.num_workers))
+    if saved is not None:  # after iter(loader), which draws the loader's base seed from the RNG
+        loop.restore_rng(saved, rank)
+    log = loop.MetricsLog(output / "metrics.jsonl", iteration, enabled=rank == 0)
+    run = DetectionRun(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, train_set=train_set,
+                       val_set=val_set, output=output, dist_info=dist_info, label_map=label_map, log=log)
+    return loop.run(loop.TrainingLoop(
+        program="train.py", model=model, optimizer=optimizer, loss_fn=functools.partial(detection_losses, device=device),
+        batches=batches, lr_at=functools.partial(lr_at, base_lr=lr, max_iter=s.max_iter, steps=s.steps, gamma=s.gamma,
+                                                 warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor),
+        max_iter=s.max_iter, output=output, world_size=world_size, checkpoint=run.checkpoint, finish=run.finish,
+        log=log, evaluate=run.evaluate, eval_period=s.eval_period, checkpoint_period=s.checkpoint_period,
+        log_period=s.log_period, max_grad_norm=s.clip_grad_norm, all_reduce=all_reduce, scaler=scaler,
+        autocast=autocast), iteration)
 
-    start = consumed_samples(iteration, per_rank, world_size)
-    loader = build_train_loader(train_set, batch_size_per_rank=per_rank, seed=cfg.seed, rank=rank,
-                                world_size=world_size, start=start, num_workers=cfg.data.num_workers)
-    batches = iter(loader)  # draws the loader's base seed from the RNG: before restoring the saved RNG state
-    if saved is not None:
-        set_rng_state(saved["rng"][rank % len(saved["rng"])])  # this process's own stream (see checkpoint())
 
-    version = code_version()
-    params = [p for p in model.parameters() if p.requires_grad]
+def detection_losses(model, batch, *, device) -> dict:
+    """The loss function of the training loop: the detector's losses on one batch (images, targets)."""
+    images, targets = to_device(*batch, device)
+    return model(images, targets)
 
-    def checkpoint(name: str) -> None:
-        # Every process's random state, in rank order, so that each one resumes its own stream. The gather is a
-        # collective: all processes call checkpoint() at the same iterations.
-        rng_states = [rng_state()]
-        if world_size > 1:
-            rng_states = [None] * world_size
-            torch.distributed.all_gather_object(rng_states, rng_state())
-        if not main_process:
+
+def restore(saved: dict, model, optimizer, scaler, config_dict: dict, world_size: int) -> None:
+    """Put a checkpoint's model, optimizer and loss scaler back; warn when the run's setup changed."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    changed = stream_changes(saved, config_dict, world_size)
+    if changed:
+        print(f"warning: resuming with a changed setup ({'; '.join(changed)}): the run will not repeat an "
+              f"uninterrupted one exactly")
+
+
+class DetectionRun:
+    """What train.py does at the training loop's checkpoints, evaluations and end."""
+
+    def __init__(self, *, cfg, model, optimizer, scaler, train_set, val_set, output: Path, dist_info, label_map: dict,
+                 log):
+        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
+        self.train_set, self.val_set, self.output, self.dist_info = train_set, val_set, output, dist_info
+        self.label_map, self.log, self.config = label_map, log, to_dict(cfg)
+        self.version = code_version()
+
+    def checkpoint(self, name: str, iteration: int) -> None:
+        """Save the run (a collective: every process's random state is gathered into it)."""
+        world_size, s = self.dist_info.world_size, self.cfg.solver
+        rng_states = loop.gather_rng_states(world_size)
+        if self.dist_info.rank != 0:
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                 "consumed_samples": consumed_samples(iteration, per_rank, world_size), "world_size": world_size,
-                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_states,
-                 "config": config_dict, "label_map": label_map, "code_version": version}
-        save_checkpoint(output / name, state)
+        per_rank = s.batch_size // world_size
+        save_checkpoint(self.output / name, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "iteration": iteration,
+            "consumed_samples": consumed_samples(iteration, per_rank, world_size), "world_size": world_size,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rng_states,
+            "config": self.config, "label_map": self.label_map, "code_version": self.version})
         if s.keep_checkpoints:
-            prune_checkpoints(output, s.keep_checkpoints)
+            prune_checkpoints(self.output, s.keep_checkpoints)
 
-    metrics_file = output / "metrics.jsonl"
-    history = read_metrics(metrics_file, before=iteration) if main_process else []
-    if main_process:
-        write_metrics(metrics_file, history)  # drop lines a crashed run logged after its last checkpoint
-    bar = make_progress_bar(iteration, s.max_iter, enabled=main_process)
-    model.train()
-    window_start, data_time, window_losses, window_iters = time.perf_counter(), 0.0, {}, 0
-    with StopRequest() as stop:
-        while iteration < s.max_iter:
-            t0 = time.perf_counter()
-            try:
-                images, targets = next(batches)
-            except (OSError, ValueError) as e:  # a missing or corrupt image, a size that disagrees with the JSON
-                # No teardown: the other processes wait in a collective; this one exiting ends their wait.
-                bar.close()
-                where = f" on rank {rank}" if world_size > 1 else ""
-                print(f"train.py: error: loading the data for iteration {iteration + 1}{where} failed: "
-                      f"{last_line(e)}", file=sys.stderr)
-                return EXIT_USAGE
-            data_time += time.perf_counter() - t0
-            images, targets = to_device(images, targets, device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(iteration, base_lr=lr, max_iter=s.max_iter, steps=s.steps, gamma=s.gamma,
-                                    warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
-            with autocast():
-                loss_dict = model(images, targets)
-            losses = sum(loss_dict.values())
-            optimizer.zero_grad(set_to_none=all_reduce is None)  # in place keeps the all-reduce's bucket views
-            (scaler.scale(losses) if scaler is not None else losses).backward()
-            if all_reduce is not None:
-                all_reduce.finish()  # waits for the bucketed all-reduces and averages over processes
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # One sync per iteration (detectron2 checks every iteration too), before the step: a non-finite loss, a
-            # non-finite gradient (a NaN / Inf anywhere makes the global norm non-finite; fp16 GradScaler skips
-            # such steps itself) and a stop request. Every process must take the same decision,
-            # or the others would wait forever in the next all-reduce: the flags are summed over ranks.
-            norm = grad_norm(params) if scaler is None else losses.new_zeros(())  # () also used for clipping
-            flags = torch.stack([~torch.isfinite(losses.detach()), ~torch.isfinite(norm).to(losses.device),
-                                 torch.tensor(bool(stop.signal_name), device=losses.device)]).float()
-            if world_size > 1:
-                flags = all_reduce_sum(flags)
-            bad_loss, bad_grad, stopping = (bool(f) for f in flags.tolist())
-            if bad_loss or bad_grad:
-                bar.close()  # first: the message on a line of its own
-                print(f"train.py: error: {describe_divergence(model, loss_dict, bad_loss, iteration + 1)}; stopping (the "
-                      f"last checkpoint in {output} is kept)", file=sys.stderr)
-                teardown(world_size)
-                return EXIT_DIVERGED
-            if s.clip_grad_norm > 0:
-                clip_grad_norm(params, s.clip_grad_norm, total=norm if scaler is None else None)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            iteration += 1
-            bar.update(1)
-            window_iters += 1
-            for name, value in loss_dict.items():  # summed on the device: no sync until the log line
-                window_losses[name] = window_losses.get(name, 0.0) + value.detach().float()
+    def evaluate(self, iteration: int) -> None:
+        """COCO AP now; precise BN statistics are computed for it, then the run's own are put back."""
+        saved_bn = bn_statistics(self.model)
+        if self.cfg.solver.precise_bn_iters:
+            precise_bn(self.model, self.train_set, cfg=self.cfg, iteration=iteration, dist_info=self.dist_info)
+        self._coco_ap(iteration)
+        self.model.load_state_dict(saved_bn, strict=False)
 
-            last = iteration == s.max_iter
-            if iteration % s.log_period == 0 or last:
-                logged = reduce_dict_mean({k: v / window_iters for k, v in window_losses.items()})  # window mean
-                elapsed = time.perf_counter() - window_start
-                record = {"iter": iteration, "kind": "train",
-                          "loss": sum(float(v) for v in logged.values()),
-                          **{name if name.startswith("loss_") else f"loss_{name}": float(v)
-                             for name, v in logged.items()},
-                          "lr": optimizer.param_groups[0]["lr"], "sec_per_iter": elapsed / window_iters,
-                          "data_sec": data_time / window_iters, "max_mem_mb": max_memory_mb(device)}
-                window_start, data_time, window_losses, window_iters = time.perf_counter(), 0.0, {}, 0
-                if main_process:
-                    append_metrics(metrics_file, record, history)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
-            if stopping and not last:
-                checkpoint(checkpoint_name(iteration))
-                bar.close()
-                print(f"received {stop.signal_name or 'a stop request'}: saved a checkpoint at iteration {iteration} "
-                      f"in {output}; rerun with --resume to continue")
-                teardown(world_size)
-                return 0
-            if not last and s.checkpoint_period and iteration % s.checkpoint_period == 0:
-                checkpoint(checkpoint_name(iteration))
-            if last or (s.eval_period and iteration % s.eval_period == 0):
-                # Evaluation must not change the training run: neither its random stream nor (precise BN) the
-                # BN statistics it goes on with. The final model keeps its precise statistics.
-                saved_rng, saved_bn = rng_state(), bn_statistics(model)
-                if s.precise_bn_iters:
-                    precise_bn(model, train_set, cfg=cfg, iteration=iteration, dist_info=dist_info)
-                if last:
-                    set_rng_state(saved_rng)
-                    checkpoint("model_final.pth")
-                run_evaluation(model, val_set, device=device, rank=rank, world_size=world_size, iteration=iteration,
-                               cfg=cfg, metrics_file=metrics_file, history=history, output=output)
-                set_rng_state(saved_rng)
-                if not last:
-                    model.load_state_dict(saved_bn, strict=False)
-                window_start = time.perf_counter()  # keep evaluation out of sec_per_iter
-    bar.close()
-    if main_process:
-        print(f"done: {s.max_iter} iterations; final model {output / 'model_final.pth'}")
-        if val_set is not None and len(val_set):  # a look at what the final model sees (no collectives: rank 0 only)
-            drawn = save_visualizations(model, val_set, range(min(4, len(val_set))), output / "vis", device=device,
-                                        score_threshold=0.5)
-            print(f"wrote {len(drawn)} images of the final model's detections to {output / 'vis'}")
-    teardown(world_size)
-    return 0
+    def finish(self, iteration: int) -> None:
+        """The final model (with precise BN statistics where enabled), its COCO AP and four drawn val images."""
+        if self.cfg.solver.precise_bn_iters:
+            with loop.same_random_stream():  # the final checkpoint keeps the training run's random state
+                precise_bn(self.model, self.train_set, cfg=self.cfg, iteration=iteration, dist_info=self.dist_info)
+        self.checkpoint("model_final.pth", iteration)
+        self._coco_ap(iteration)
+        if self.dist_info.rank == 0:
+            print(f"done: {iteration} iterations; final model {self.output / 'model_final.pth'}")
+            if self.val_set is not None and len(self.val_set):  # no collectives: rank 0 only
+                drawn = save_visualizations(self.model, self.val_set, range(min(4, len(self.val_set))),
+                                            self.output / "vis", device=self.dist_info.device, score_threshold=0.5)
+                print(f"wrote {len(drawn)} images of the final model's detections to {self.output / 'vis'}")
+
+    def _coco_ap(self, iteration: int) -> None:
+        run_evaluation(self.model, self.val_set, device=self.dist_info.device, rank=self.dist_info.rank,
+                       world_size=self.dist_info.world_size, iteration=iteration, cfg=self.cfg, log=self.log,
+                       output=self.output)
 
 
 def bn_statistics(model) -> dict:
@@ -452,16 +376,9 @@ def precise_bn(model, train_set, *, cfg, iteration: int, dist_info) -> None:
         print(f"precise BN: recomputed the BatchNorm statistics over {used} batches")
 
 
-def teardown(world_size: int) -> None:
-    """Wait for every process (rank 0 may still be writing) and leave the process group."""
-    if world_size > 1:
-        barrier()
-        torch.distributed.destroy_process_group()
-
-
 # ---- evaluation, metrics, plots ----------------------------------------------------------------------------------
 
-def run_evaluation(model, val_set, *, device, rank, world_size, iteration, cfg, metrics_file, history, output):
+def run_evaluation(model, val_set, *, device, rank, world_size, iteration, cfg, log, output):
     """COCO AP of the current model on the val split; rank 0 prints pycocotools' summary, logs and plots."""
     loader = build_test_loader(val_set, rank=rank, world_size=world_size, num_workers=cfg.data.num_workers)
     start = time.perf_counter()
@@ -474,15 +391,8 @@ def run_evaluation(model, val_set, *, device, rank, world_size, iteration, cfg, 
     print(f"\nevaluation at iteration {iteration}: {len(val_set)} images, {len(results)} detections "
           f"({time.perf_counter() - start:.1f} s)")
     metrics = evaluate_coco(val_set.coco, results, iou_types=iou_types)
-    append_metrics(metrics_file, {"iter": iteration, "kind": "eval", **metrics}, history)
-    plot_metrics(history, output)
-
-
-def make_progress_bar(initial: int, total: int, *, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(initial=initial, total=total, disable=not enabled, dynamic_ncols=True, desc="train",
-                file=sys.stderr, mininterval=2.0)
+    log.append({"iter": iteration, "kind": "eval", **metrics})
+    plot_metrics(log.history, output)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,24 @@ def test_resume_after_the_end_does_nothing_and_bad_input_is_one_line(pretrained,
     assert len(err) == 3 and all(line.startswith("pretrain.py: error:") for line in err)
 
 
+def test_resume_over_damaged_checkpoints_refuses_to_start_over(pretrained, folder, tmp_path, capsys):
+    """pretrain.py runs train.py's loop: with only unreadable checkpoints, --resume stops (exit 2) instead of
+    silently training again from scratch over them."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(pretrained, out)
+    for path in out.glob("model_*.pth"):
+        path.write_bytes(path.read_bytes()[:100])  # truncated
+    argv = ["--config", "tiny", "--data", str(folder), "--iters", "5", "--batch-size", "4", "--image-size", "32",
+            "--workers", "0", "--output", str(out), "--resume"]
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        assert pretrain.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pretrain.py: error: --resume: none of the checkpoints" in err
+    assert all(len(p.read_bytes()) == 100 for p in out.glob("model_*.pth"))  # nothing overwritten
+
+
 def test_build_crop_folder_from_a_coco_set(tmp_path):
     from minimask.data.synthetic import build_synthetic
 

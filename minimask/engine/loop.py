@@ -1,0 +1,278 @@
+"""The training loop that every training script runs (train.py, pretrain.py).
+
+A script describes its run in a `TrainingLoop` - the model, the optimizer, a loss function, an endless iterator of
+batches, the LR schedule, and what to do at checkpoints, evaluations and the end - and calls `run`. One iteration
+is `train_step`: forward and loss, backward, the gradients' all-reduce, one host sync that checks that the loss and
+the gradients are finite and whether a stop was requested, then the optimizer step (detectron2's `SimpleTrainer`).
+
+Around the step, `run` keeps the behaviour the fault suite checks: a batch that cannot be loaded ends the run in one
+line (exit 2); a non-finite loss or gradient stops it before the step, naming the terms or parameters (exit 1, the
+last checkpoint kept); SIGTERM / SIGINT checkpoint after the current iteration and exit 0; evaluations do not change
+the training run's random stream. `resume` finds where a run continues, refusing to start over damaged checkpoints
+and checking that every process continues from the same iteration.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from minimask.checkpoint import checkpoint_name, list_checkpoints, load_latest, rng_state, set_rng_state
+from minimask.distributed import all_reduce_sum, barrier, reduce_dict_mean
+from minimask.run_log import append_metrics, max_memory_mb, read_metrics, write_metrics
+from minimask.runtime import StopRequest, describe_divergence, last_line
+from minimask.solver import clip_grad_norm, grad_norm
+
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+
+
+@dataclass
+class StepResult:
+    terms: dict[str, Tensor]  # what the loss function returned
+    bad_loss: bool  # on any process
+    bad_grad: bool
+    stop: bool  # a stop was requested on some process
+
+
+def train_step(model: nn.Module, batch, loss_fn: Callable, optimizer: torch.optim.Optimizer, *, params: list[Tensor],
+               all_reduce=None, scaler=None, autocast=contextlib.nullcontext, max_grad_norm: float = 0.0,
+               stop: StopRequest | None = None) -> StepResult:
+    """One iteration: forward and loss, backward, gradient all-reduce, checks, optimizer step.
+
+    loss_fn(model, batch) returns a dict of scalar tensors: the training loss is the sum of the entries whose name
+    starts with "loss"; any others (an accuracy, say) are only logged. When the loss or the gradients are not finite
+    on any process, no step is taken. `stop` (a StopRequest) is read after the backward, so a signal received
+    during this iteration stops the run after it. Every process must call train_step as many times (collectives).
+    """
+    with autocast():
+        terms = loss_fn(model, batch)
+    loss = sum(value for name, value in terms.items() if name.startswith("loss"))
+    optimizer.zero_grad(set_to_none=all_reduce is None)  # in place keeps the all-reduce's bucket views
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if all_reduce is not None:
+        all_reduce.finish()  # waits for the bucketed all-reduces and averages over processes
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # One sync per iteration (detectron2 checks every iteration too), before the step: a non-finite loss, a
+    # non-finite gradient (a NaN / Inf anywhere makes the global norm non-finite; fp16 GradScaler skips such steps
+    # itself) and a stop request. Every process must take the same decision, or the others would wait forever in
+    # the next all-reduce: the flags are summed over processes.
+    norm = grad_norm(params) if scaler is None else loss.new_zeros(())  # () also used for clipping
+    flags = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm).to(loss.device),
+                         torch.tensor(bool(stop and stop.signal_name), device=loss.device)]).float()
+    bad_loss, bad_grad, stop = (bool(f) for f in all_reduce_sum(flags).tolist())
+    if bad_loss or bad_grad:
+        return StepResult(terms, bad_loss, bad_grad, stop)
+    if max_grad_norm > 0:
+        clip_grad_norm(params, max_grad_norm, total=norm if scaler is None else None)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(terms, False, False, stop)
+
+
+@dataclass
+class TrainingLoop:
+    """A run as `run` needs it. The callbacks are collectives where they say so: every process calls them."""
+    program: str  # names the script in error lines ("train.py")
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable  # (model, batch) -> dict of scalar tensors, see train_step
+    batches: Iterator  # endless; OSError / ValueError from next() mean unreadable data
+    lr_at: Callable[[int], float]  # iteration -> learning rate
+    max_iter: int
+    output: Path
+    world_size: int
+    checkpoint: Callable[[str, int], None]  # (file name, iteration): save one (a collective)
+    finish: Callable[[int], None]  # after the last iteration: final checkpoint, evaluation, ...
+    log: MetricsLog  # metrics.jsonl; the script makes it, and logs its evaluations there too
+    evaluate: Callable[[int], None] | None = None  # at every eval_period (not the last iteration, see finish)
+    eval_period: int = 0
+    checkpoint_period: int = 0
+    log_period: int = 20
+    max_grad_norm: float = 0.0
+    all_reduce: object = None  # minimask.distributed.GradientAllReduce when world_size > 1
+    scaler: object = None  # torch.amp.GradScaler for fp16
+    autocast: Callable = contextlib.nullcontext
+
+
+def run(loop: TrainingLoop, iteration: int) -> int:
+    """Train from `iteration` to loop.max_iter; returns the exit code (0, EXIT_DIVERGED or EXIT_USAGE)."""
+    params = [p for p in loop.model.parameters() if p.requires_grad]
+    log = loop.log
+    bar = progress_bar(iteration, loop.max_iter, enabled=log.enabled)
+    loop.model.train()
+    with StopRequest() as stop:
+        while iteration < loop.max_iter:
+            try:
+                batch, data_sec = _timed_next(loop.batches)
+            except (OSError, ValueError) as e:  # a missing or corrupt image, a size that disagrees with the JSON
+                # No teardown: the other processes wait in a collective; this one exiting ends their wait.
+                bar.close()  # first: the message on a line of its own
+                where = f" on rank {torch.distributed.get_rank()}" if loop.world_size > 1 else ""
+                print(f"{loop.program}: error: loading the data for iteration {iteration + 1}{where} failed: "
+                      f"{last_line(e)}", file=sys.stderr)
+                return EXIT_USAGE
+            for group in loop.optimizer.param_groups:
+                group["lr"] = loop.lr_at(iteration)
+            step = train_step(loop.model, batch, loop.loss_fn, loop.optimizer, params=params,
+                              all_reduce=loop.all_reduce, scaler=loop.scaler, autocast=loop.autocast,
+                              max_grad_norm=loop.max_grad_norm, stop=stop)
+            if step.bad_loss or step.bad_grad:
+                bar.close()
+                print(f"{loop.program}: error: {describe_divergence(loop.model, step.terms, step.bad_loss, iteration + 1)}"
+                      f"; stopping (the last checkpoint in {loop.output} is kept)", file=sys.stderr)
+                teardown(loop.world_size)
+                return EXIT_DIVERGED
+            iteration += 1
+            bar.update(1)
+            log.add(step.terms, data_sec)
+            last = iteration == loop.max_iter
+            if iteration % loop.log_period == 0 or last:
+                record = log.write_window(iteration, lr=loop.optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
+            if step.stop and not last:
+                loop.checkpoint(checkpoint_name(iteration), iteration)
+                bar.close()
+                print(f"received {stop.signal_name or 'a stop request'}: saved a checkpoint at iteration {iteration} "
+                      f"in {loop.output}; rerun with --resume to continue")
+                teardown(loop.world_size)
+                return 0
+            if not last and loop.checkpoint_period and iteration % loop.checkpoint_period == 0:
+                loop.checkpoint(checkpoint_name(iteration), iteration)
+            if not last and loop.evaluate and loop.eval_period and iteration % loop.eval_period == 0:
+                with same_random_stream():  # evaluating must not change the training run
+                    loop.evaluate(iteration)
+                log.restart_clock()  # keep evaluation out of sec_per_iter
+    bar.close()
+    with same_random_stream():
+        loop.finish(iteration)
+    teardown(loop.world_size)
+    return 0
+
+
+class ResumeError(Exception):
+    """--resume cannot continue: the message says why (the scripts exit with code 2)."""
+
+
+def resume(output: Path, restore: Callable[[dict], None], *, world_size: int, device) -> tuple[dict | None, int]:
+    """(saved state, iteration) to continue a run in `output` from its newest loadable checkpoint ((None, 0) when
+    there is none). `restore(saved)` puts the saved model and optimizer back. Raises ResumeError when checkpoints
+    exist but none can be loaded (never silently start over them), or when the processes found different ones."""
+    saved, path = load_latest(output)  # newest loadable; warns about each unreadable one it skips
+    unreadable = int(saved is None and bool(list_checkpoints(output)))
+    iteration = 0
+    if saved is not None:
+        restore(saved)
+        iteration = int(saved["iteration"])
+        print(f"resumed from {path} at iteration {iteration}")
+    elif not unreadable:
+        print(f"--resume: no checkpoint in {output}; starting from scratch")
+    if world_size > 1:
+        # Every process must resume from the same iteration, or they would wait on each other forever. Each one
+        # reads `output` itself, so it must be on a filesystem that every node sees.
+        bounds = torch.tensor([-iteration, iteration, unreadable], device=device)
+        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)  # (-min, max, any) over processes
+        if -bounds[0].item() != bounds[1].item():
+            raise ResumeError(f"the processes found different checkpoints to resume from in {output} (it must be on "
+                              f"a filesystem that every node shares)")
+        unreadable = int(bounds[2].item())
+    if unreadable:
+        raise ResumeError(f"--resume: none of the checkpoints in {output} can be loaded (damaged, or refused as "
+                          f"possibly unsafe: see the warnings above); move them away to start afresh")
+    return saved, iteration
+
+
+def gather_rng_states(world_size: int) -> list[dict]:
+    """Every process's random state, in rank order, so that each one resumes its own stream (a collective)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng(saved: dict, rank: int) -> None:
+    """This process's own random stream from a checkpoint (the states of `gather_rng_states`)."""
+    set_rng_state(saved["rng"][rank % len(saved["rng"])])
+
+
+@contextlib.contextmanager
+def same_random_stream():
+    """Run the body without changing this process's random stream (the RNG state is put back afterwards)."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def teardown(world_size: int) -> None:
+    """Wait for every process (rank 0 may still be writing) and leave the process group."""
+    if world_size > 1:
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _timed_next(batches: Iterator) -> tuple[object, float]:
+    start = time.perf_counter()
+    batch = next(batches)
+    return batch, time.perf_counter() - start
+
+
+class MetricsLog:
+    """metrics.jsonl of a run, continued on resume, and the window means of the logged terms.
+
+    Terms are summed on the device between log lines (no host sync); `write_window` reduces them over processes (a
+    collective) and, on the main process, appends one "train" record: the window means, "loss" (their sum over the
+    "loss" terms), "lr", "sec_per_iter", "data_sec" and "max_mem_mb".
+    """
+
+    def __init__(self, path: Path, start_iter: int, *, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.history = read_metrics(path, before=start_iter) if enabled else []
+        if enabled:
+            write_metrics(path, self.history)  # drop lines a crashed run logged after its last checkpoint
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.sums, self.iters, self.data_sec, self.start = {}, 0, 0.0, time.perf_counter()
+
+    def add(self, terms: dict[str, Tensor], data_sec: float) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.iters += 1
+        self.data_sec += data_sec
+
+    def write_window(self, iteration: int, *, lr: float) -> dict:
+        means = {k: float(v) for k, v in reduce_dict_mean({k: v / self.iters for k, v in self.sums.items()}).items()}
+        device = next(iter(self.sums.values())).device if self.sums else torch.device("cpu")
+        record = {"iter": iteration, "kind": "train", "loss": sum(v for k, v in means.items() if k.startswith("loss")),
+                  **means, "lr": lr, "sec_per_iter": (time.perf_counter() - self.start) / self.iters,
+                  "data_sec": self.data_sec / self.iters, "max_mem_mb": max_memory_mb(device)}
+        self.append(record)
+        self._new_window()
+        return record
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            append_metrics(self.path, record, self.history)
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+
+def progress_bar(initial: int, total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=initial, total=total, disable=not enabled, dynamic_ncols=True, desc="train",
+                file=sys.stderr, mininterval=2.0)
