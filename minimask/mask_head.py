@@ -73,18 +73,27 @@ class MaskHead(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"MaskHead expects features (R, {self.in_channels}, H, W), got {tuple(x.shape)}")
         x = self.convs(x)  # (R, C, 14, 14)
-        # The deconv and the 1x1 predictor with their own weights, as matmuls in channels-last layout: a 2x2 stride-2
-        # deconv maps each input pixel to its own 2x2 output block, i.e. a (C -> 2*2*C') linear map then a pixel
-        # shuffle. The 1x1 predictor acts on each output pixel alone, so it runs before the shuffle, which then
-        # moves K channels instead of C'. Same result as self.predictor(relu(self.deconv(x))); forward + backward
-        # over 2x faster on the CPU, where oneDNN's deconvolution and small 1x1 convolutions are slow (BENCHMARKS.md).
-        r, c, h, w = x.shape
-        c_out = self.deconv.out_channels
-        weight = self.deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * c_out)  # (C, 2*2*C'), columns (dy, dx, c')
-        y = torch.addmm(self.deconv.bias.repeat(4), x.permute(0, 2, 3, 1).reshape(r * h * w, c), weight).relu_()
-        logits = F.linear(y.view(r * h * w * 4, c_out), self.predictor.weight.flatten(1), self.predictor.bias)
-        k = logits.shape[1]  # logits: (R*H*W*2*2, K), rows (r, y, x, dy, dx)
-        return logits.view(r, h, w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(r, k, 2 * h, 2 * w)  # (R, K, 2H, 2W)
+        if x.device.type == "cpu":  # the same numbers, faster where oneDNN's deconvolution is slow (see below)
+            return deconv_relu_predict(x, self.deconv, self.predictor)  # (R, K, 28, 28)
+        return self.predictor(F.relu(self.deconv(x)))  # (R, C', 28, 28) -> (R, K, 28, 28)
+
+
+def deconv_relu_predict(x: Tensor, deconv: nn.ConvTranspose2d, predictor: nn.Conv2d) -> Tensor:
+    """predictor(relu(deconv(x))) for a 2x2 stride-2 deconv and a 1x1 predictor, computed as two matmuls.
+
+    A 2x2 stride-2 deconv maps each input pixel to its own 2x2 output block: a (C -> 2*2*C') linear map then a pixel
+    shuffle. The 1x1 predictor acts on each output pixel alone, so it runs before the shuffle, which then moves K
+    channels instead of C'. Same result with the same weights (tests/test_mask_head.py); forward + backward 1.5x
+    faster on the 2-core CPU, where oneDNN's deconvolution and small 1x1 convolutions are slow (59 -> 38 ms at 128
+    RoIs, BENCHMARKS.md). (R, C, H, W) -> (R, K, 2H, 2W).
+    """
+    r, c, h, w = x.shape
+    c_out = deconv.out_channels
+    weight = deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * c_out)  # (C, 2*2*C'), columns (dy, dx, c')
+    y = torch.addmm(deconv.bias.repeat(4), x.permute(0, 2, 3, 1).reshape(r * h * w, c), weight).relu_()
+    logits = F.linear(y.view(r * h * w * 4, c_out), predictor.weight.flatten(1), predictor.bias)
+    k = logits.shape[1]  # logits: (R*H*W*2*2, K), rows (r, y, x, dy, dx)
+    return logits.view(r, h, w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(r, k, 2 * h, 2 * w)  # (R, K, 2H, 2W)
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:

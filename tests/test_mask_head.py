@@ -28,7 +28,8 @@ def test_head_shapes_and_conv_bias():
 
 
 def test_matmul_deconv_and_predictor_equal_the_modules():
-    # forward computes the deconv and the 1x1 predictor as matmuls; the modules themselves are the reference.
+    # On the CPU, forward computes the deconv and the 1x1 predictor as matmuls (deconv_relu_predict); the modules
+    # themselves are the reference.
     torch.manual_seed(0)
     head = MaskHead(in_channels=8, conv_dims=(32,), norm="GN", num_classes=3)
     for p in (head.deconv.bias, head.predictor.weight, head.predictor.bias):

@@ -1,17 +1,15 @@
-"""Tests for minimask.ops.roi_align: hand-computed values, a loop-by-loop reference, gradients, edge cases, dtypes,
-resize consistency and (where installed) torchvision as an oracle."""
+"""Tests for minimask.ops.roi_align: hand-computed values, the fast form against the definition (forward and
+gradients), edge cases, dtypes, resize consistency and (where installed) torchvision as an oracle."""
 import importlib
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minimask.ops.roi_align import roi_align
+from minimask.ops.roi_align import roi_align, roi_align_reference
 
-# The package re-exports the function under the module's name, so fetch the module itself explicitly.
-roi_align_module = importlib.import_module("minimask.ops.roi_align")
+roi_align_module = importlib.import_module("minimask.ops.roi_align_sparse")  # the fast form, with its chunking
 
 # 1x1x5x5 map with value v(y, x) = 5*y + x. Bilinear interpolation reproduces a linear function exactly, so a
 # sample at (y, x) inside the map reads 5*y + x, and a bin is 5*mean(y) + mean(x) over its samples.
@@ -82,54 +80,7 @@ def test_count_includes_dropped_samples():
     assert out.item() == pytest.approx(21.0, abs=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- loop reference
-def _reference(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """RoIAlign written straight from the definition (detectron2 / torchvision kernel), one sample at a time."""
-    n, c, h, w = input.shape
-    oh, ow = output_size
-    out = torch.zeros(len(rois), c, oh, ow, dtype=torch.float64)
-
-    def bilinear(img, y, x):  # img (C, H, W)
-        if y < -1.0 or y > h or x < -1.0 or x > w:
-            return torch.zeros(c, dtype=torch.float64)
-        y, x = max(y, 0.0), max(x, 0.0)
-        y_low, x_low = int(y), int(x)
-        if y_low >= h - 1:
-            y_low = y_high = h - 1
-            y = float(y_low)
-        else:
-            y_high = y_low + 1
-        if x_low >= w - 1:
-            x_low = x_high = w - 1
-            x = float(x_low)
-        else:
-            x_high = x_low + 1
-        ly, lx = y - y_low, x - x_low
-        hy, hx = 1 - ly, 1 - lx
-        return (hy * hx * img[:, y_low, x_low] + hy * lx * img[:, y_low, x_high]
-                + ly * hx * img[:, y_high, x_low] + ly * lx * img[:, y_high, x_high])
-
-    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
-        img = input[int(b)].double()
-        offset = 0.5 if aligned else 0.0
-        x1, y1, x2, y2 = (v * spatial_scale - offset for v in (x1, y1, x2, y2))
-        roi_w, roi_h = x2 - x1, y2 - y1
-        if not aligned:
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_h, bin_w = roi_h / oh, roi_w / ow
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / oh)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / ow)
-        count = max(gh * gw, 1)
-        for ph, pw in itertools.product(range(oh), range(ow)):
-            acc = torch.zeros(c, dtype=torch.float64)
-            for iy, ix in itertools.product(range(gh), range(gw)):
-                y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gh
-                x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gw
-                acc += bilinear(img, y, x)
-            out[k, :, ph, pw] = acc / count
-    return out
-
-
+# ---------------------------------------------------------------------------------------------- the definition
 def _random_rois(k, n, h, w, scale, generator):
     """Boxes of all sizes (including tiny and inverted) around and partly outside an (h, w) map at `scale`."""
     xy = torch.rand(k, 2, generator=generator) * torch.tensor([w + 4.0, h + 4.0]) / scale - 2 / scale
@@ -141,12 +92,13 @@ def _random_rois(k, n, h, w, scale, generator):
 
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [1, 2, 3, 0, -1])
-def test_matches_loop_reference(sampling_ratio, aligned):
+def test_fast_form_equals_the_definition(sampling_ratio, aligned):
+    """roi_align (sparse matrix products) against roi_align_reference (the definition, sample by sample)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64)
     rois = _random_rois(10, 2, 6, 7, 0.5, gen)
     for output_size in [(2, 3), (3, 3)]:
-        expected = _reference(x, rois, output_size, 0.5, sampling_ratio, aligned)
+        expected = roi_align_reference(x, rois, output_size, 0.5, sampling_ratio, aligned)
         got = roi_align(x, rois, output_size, 0.5, sampling_ratio, aligned)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
         # The list-of-boxes format gives the same rows, in list order.
@@ -154,6 +106,17 @@ def test_matches_loop_reference(sampling_ratio, aligned):
         got_list = roi_align(x, per_image, output_size, 0.5, sampling_ratio, aligned)
         order = torch.cat([torch.nonzero(rois[:, 0] == i).squeeze(1) for i in range(2)])
         torch.testing.assert_close(got_list, expected[order], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (0, True)])
+def test_fast_gradient_equals_the_definitions(sampling_ratio, aligned):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = _random_rois(8, 2, 6, 7, 0.5, gen)
+    grad = torch.randn(8, 3, 2, 3, generator=gen, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(roi_align_reference(x, rois, (2, 3), 0.5, sampling_ratio, aligned), x, grad)
+    (got,) = torch.autograd.grad(roi_align(x, rois, (2, 3), 0.5, sampling_ratio, aligned), x, grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (0, True), (-1, False), (3, True)])
@@ -221,7 +184,7 @@ def test_zero_size_boxes():
     rois = _rois((2, 3, 2, 3), (1, 1, 4, 1)).double()  # a point and a horizontal line
     for sr, aligned in itertools.product([2, 0], [False, True]):
         got = roi_align(x, rois, 2, 1.0, sr, aligned)
-        torch.testing.assert_close(got, _reference(x, rois, (2, 2), 1.0, sr, aligned), rtol=0, atol=1e-12)
+        torch.testing.assert_close(got, roi_align_reference(x, rois, (2, 2), 1.0, sr, aligned), rtol=0, atol=1e-12)
     # aligned adaptive: a zero height means a zero grid, i.e. no samples: all zeros.
     assert torch.equal(roi_align(x, rois, 2, 1.0, 0, True), torch.zeros(2, 2, 2, 2, dtype=torch.float64))
     # aligned=False clamps the size to 1x1, so the point box still averages real pixels.
