@@ -203,7 +203,7 @@ def prepare(args) -> dict:
     """Everything that depends on the user's input, validated before training starts."""
     cfg, keys = resolve_config(args)
     weights = None
-    if args.init == "imagenet":  # the weights fix the pixel convention and stride placement (spec Sec. 1.5)
+    if args.init == "imagenet":  # the weights fix the pixel convention and stride placement
         state, fmt = weights = read_weights(args.weights)
         for change in apply_imagenet_conventions(cfg, imagenet_conventions(fmt, state), keys):
             print(f"--init imagenet: {change}")

@@ -2,7 +2,7 @@
 to decode a COCO image, build its target (boxes, masks) and apply the train transform (shorter side 800, max 1333,
 random flip), on the real coco-mini images.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_data.py [--data ../shared/data] [--passes 3] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_data.py [--data DIR] [--passes 3] [--json out.json]
 
 Stages, each timed over every image of the split and reported as the median over `--passes` passes:
   decode     `load_image` only (pillow decode, EXIF, RGB, to float32 (3, H, W));

@@ -6,7 +6,7 @@ batch of 2. This script takes the image sizes of a COCO annotation file (or seve
 (shorter side 800, longer side at most 1333), forms batches the way `build_train_loader` does (the seeded infinite
 sample stream, aspect-ratio grouping) and reports the mean padded fraction of the canvas.
 
-    python benchmarks/bench_padding.py ../shared/data/coco-mini/annotations/instances_{train,val}2017.json
+    python benchmarks/bench_padding.py datasets/coco/annotations/instances_{train,val}2017.json
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
 """Anchor generation for the Region Proposal Network (Sec. 3.1 of Faster R-CNN; one anchor size per pyramid level,
-Sec. 4.1 of FPN), following detectron2's `DefaultAnchorGenerator`; see the reference spec, section 3.1.
+Sec. 4.1 of FPN), following detectron2's `DefaultAnchorGenerator` (`modeling/anchor_generator.py`).
 
 An anchor of size s and aspect ratio r = h / w has area s^2: w = sqrt(s^2 / r), h = r * w. The A = len(ratios)
 "cell" anchors of a level are centred at (0, 0) and are NOT rounded to integers (detectron2 convention; torchvision
@@ -51,8 +51,8 @@ def grid_anchors(cell: Tensor, feature_hw: tuple[int, int], stride, offset: floa
     """Replicate the cell anchors over an H x W feature map; cell (A, 4) -> (H * W * A, 4) in (H, W, A) order.
 
     `stride` is one number, or a pair (stride_y, stride_x) (torchvision derives a stride per axis from the padded
-    image size, see `RPN(anchor_strides_from_image=True)`). Computed in float64 and returned in cell's dtype on
-    cell's device. H or W = 0 gives a (0, 4) tensor.
+    image size, see `minimask.torchvision_conventions.TorchvisionRPN`). Computed in float64 and returned in cell's
+    dtype on cell's device. H or W = 0 gives a (0, 4) tensor.
     """
     if cell.dim() != 2 or cell.shape[1] != 4:
         raise ValueError(f"cell anchors must have shape (A, 4), got {tuple(cell.shape)}")

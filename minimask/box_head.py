@@ -19,23 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
-from minimask.losses import box_regression_loss
 from minimask.norm import get_norm
+from minimask.ops.box_coder import box_regression_loss
 from minimask.ops.boxes import batched_nms, clip_boxes_to_image
-
-
-def c2_msra_fill(module: nn.Module) -> None:
-    """Detectron's "MSRAFill" for convs: He-normal with fan_out (He et al. 2015), zero bias."""
-    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
-def c2_xavier_fill(module: nn.Module) -> None:
-    """Detectron's "XavierFill" for fcs: uniform in +-sqrt(3 / fan_in) (kaiming_uniform with a=1), zero bias."""
-    nn.init.kaiming_uniform_(module.weight, a=1)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
+from minimask.weight_init import c2_msra_fill, c2_xavier_fill
 
 
 class ConvFCHead(nn.Module):

@@ -7,7 +7,7 @@ import torch
 
 from minimask.box_head import BoxPredictor, ConvFCHead
 from minimask.cascade import CascadeRoIHeads
-from minimask.config import Config
+from minimask.config import Config, ModelConfig
 from minimask.fpn import FPN
 from minimask.keypoint_head import KeypointHead
 from minimask.mask_head import MaskHead
@@ -15,6 +15,7 @@ from minimask.mask_rcnn import MaskRCNN
 from minimask.resnet import ResNet
 from minimask.roi_heads import RoIHeads
 from minimask.rpn import RPN
+from minimask.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 
 FEATURE_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)  # P2..P5, pooled by the RoI heads
 
@@ -32,9 +33,32 @@ def build_model(cfg: Config) -> MaskRCNN:
         freeze_norms=m.backbone.freeze_norms,
     )
     fpn = FPN(in_channels=list(backbone.out_channels.values()), out_channels=m.fpn.out_channels, norm=m.fpn.norm)
-    rpn = RPN(
+    model = MaskRCNN(
+        backbone=backbone,
+        fpn=fpn,
+        rpn=build_rpn(m, strides=tuple(fpn.strides)),
+        roi_heads=build_roi_heads(m),
+        num_classes=m.roi_heads.num_classes,
+        num_keypoints=m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0,
+        input_format=m.input_format,
+        pixel_scale=m.pixel_scale,
+        pixel_mean=m.pixel_mean,
+        pixel_std=m.pixel_std,
+        size_divisibility=m.size_divisibility,
+        channels_last=m.channels_last,
+        images_per_canvas=m.images_per_canvas,
+    )
+    if m.compile_backbone:
+        model.backbone.compile()
+        model.fpn.compile()
+    return model.to(memory_format=torch.channels_last) if m.channels_last else model
+
+
+def build_rpn(m: ModelConfig, *, strides: tuple) -> RPN:
+    rpn_class = TorchvisionRPN if m.torchvision_conventions else RPN
+    return rpn_class(
         in_channels=m.fpn.out_channels,
-        strides=tuple(fpn.strides),
+        strides=strides,
         anchor_sizes=m.rpn.anchor_sizes,
         aspect_ratios=m.rpn.aspect_ratios,
         anchor_offset=m.rpn.anchor_offset,
@@ -50,25 +74,20 @@ def build_model(cfg: Config) -> MaskRCNN:
         post_nms_topk_test=m.rpn.post_nms_topk_test,
         nms_thresh=m.rpn.nms_thresh,
         min_size=m.rpn.min_size,
-        round_anchors=m.rpn.round_anchors,
-        anchor_strides_from_image=m.rpn.anchor_strides_from_image,
         head_conv_depth=m.rpn.head_conv_depth,
-        normalize_by_sampled=m.rpn.normalize_by_sampled,
-        rank_by_probability=m.rpn.rank_by_probability,
     )
+
+
+def build_roi_heads(m: ModelConfig) -> RoIHeads:
+    """The box head(s) and predictor(s), the mask and keypoint heads, and the RoI heads that run them."""
     num_classes = m.roi_heads.num_classes
-    mask_head = None
+    mask_head = keypoint_head = None
     if m.mask_head.enabled:
-        mask_head = MaskHead(
-            in_channels=m.fpn.out_channels, conv_dims=m.mask_head.conv_dims, norm=m.mask_head.norm,
-            num_classes=num_classes,
-        )
-    keypoint_head = None
+        mask_head = MaskHead(in_channels=m.fpn.out_channels, conv_dims=m.mask_head.conv_dims, norm=m.mask_head.norm,
+                             num_classes=num_classes)
     if m.keypoint_head.enabled:
-        keypoint_head = KeypointHead(
-            in_channels=m.fpn.out_channels, conv_dims=m.keypoint_head.conv_dims,
-            num_keypoints=m.keypoint_head.num_keypoints,
-        )
+        keypoint_head = KeypointHead(in_channels=m.fpn.out_channels, conv_dims=m.keypoint_head.conv_dims,
+                                     num_keypoints=m.keypoint_head.num_keypoints)
     common = dict(
         mask_head=mask_head,
         keypoint_head=keypoint_head,
@@ -90,23 +109,19 @@ def build_model(cfg: Config) -> MaskRCNN:
         detections_per_image=m.roi_heads.detections_per_image,
         mask_size=2 * m.mask_head.resolution,
         keypoint_heatmap_size=m.keypoint_head.heatmap_size,
-        min_box_size=m.roi_heads.min_box_size,
-        soft_mask_targets=m.mask_head.soft_targets,
-        legacy_mask_paste=m.mask_head.legacy_paste,
-        keypoint_score=m.keypoint_head.score,
         keypoint_loss_weight=m.keypoint_head.loss_weight,
     )
 
     def box_head():
-        return ConvFCHead(
-            in_channels=m.fpn.out_channels, resolution=m.box_head.resolution, conv_dims=m.box_head.conv_dims,
-            fc_dims=m.box_head.fc_dims, norm=m.box_head.norm,
-        )
+        return ConvFCHead(in_channels=m.fpn.out_channels, resolution=m.box_head.resolution,
+                          conv_dims=m.box_head.conv_dims, fc_dims=m.box_head.fc_dims, norm=m.box_head.norm)
 
     if m.cascade.enabled:
-        stages = len(m.cascade.ious)
-        heads = [box_head() for _ in range(stages)]
-        roi_heads = CascadeRoIHeads(
+        if m.torchvision_conventions:
+            raise ValueError("torchvision has no Cascade R-CNN: model.cascade.enabled and "
+                             "model.torchvision_conventions cannot both be set")
+        heads = [box_head() for _ in m.cascade.ious]
+        return CascadeRoIHeads(
             box_heads=heads,
             box_predictors=[BoxPredictor(in_features=h.out_features, num_classes=num_classes, class_agnostic=True)
                             for h in heads],
@@ -114,33 +129,13 @@ def build_model(cfg: Config) -> MaskRCNN:
             stage_reg_weights=m.cascade.reg_weights,
             **common,
         )
-    else:
-        head = box_head()
-        roi_heads = RoIHeads(
-            box_head=head,
-            box_predictor=BoxPredictor(
-                in_features=head.out_features, num_classes=num_classes, class_agnostic=m.box_head.class_agnostic
-            ),
-            fg_iou=m.roi_heads.fg_iou,
-            box_reg_weights=m.box_head.reg_weights,
-            **common,
-        )
-    model = MaskRCNN(
-        backbone=backbone,
-        fpn=fpn,
-        rpn=rpn,
-        roi_heads=roi_heads,
-        num_classes=num_classes,
-        num_keypoints=m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0,
-        input_format=m.input_format,
-        pixel_scale=m.pixel_scale,
-        pixel_mean=m.pixel_mean,
-        pixel_std=m.pixel_std,
-        size_divisibility=m.size_divisibility,
-        channels_last=m.channels_last,
-        images_per_canvas=m.images_per_canvas,
+    head = box_head()
+    roi_heads_class = TorchvisionRoIHeads if m.torchvision_conventions else RoIHeads
+    return roi_heads_class(
+        box_head=head,
+        box_predictor=BoxPredictor(in_features=head.out_features, num_classes=num_classes,
+                                   class_agnostic=m.box_head.class_agnostic),
+        fg_iou=m.roi_heads.fg_iou,
+        box_reg_weights=m.box_head.reg_weights,
+        **common,
     )
-    if m.compile_backbone:
-        model.backbone.compile()
-        model.fpn.compile()
-    return model.to(memory_format=torch.channels_last) if m.channels_last else model

@@ -98,16 +98,16 @@ class CascadeRoIHeads(RoIHeads):
     def _box_losses(self, features, samples: list[RoISamples], targets, image_sizes) -> dict[str, Tensor]:
         losses = {}
         for stage in range(self.num_stages):
-            if stage > 0:  # relabel the previous stage's boxes at this stage's IoU; no resampling, no GT appended
-                rois = next_stage_boxes(list(predicted.split(counts)), image_sizes, drop_empty=True)
-                samples = [label_boxes(b, t["boxes"], t["labels"], self.stage_ious[stage])
-                           for b, t in zip(rois, targets)]
-            counts = [s.boxes.shape[0] for s in samples]
             class_logits, box_deltas, predicted = self._run_stage(stage, features, [s.boxes for s in samples])
             labels, regression_targets = box_regression_targets(samples, self.stage_reg_weights[stage])
             stage_losses = fast_rcnn_losses(class_logits, box_deltas, labels, regression_targets, self.box_reg_loss,
                                             self.smooth_l1_beta)
             losses.update({f"{name}_stage{stage + 1}": value for name, value in stage_losses.items()})
+            if stage + 1 < self.num_stages:  # the next stage relabels these boxes at its IoU: no resampling, no GT
+                counts = [s.boxes.shape[0] for s in samples]
+                rois = next_stage_boxes(list(predicted.split(counts)), image_sizes, drop_empty=True)
+                samples = [label_boxes(b, t["boxes"], t["labels"], self.stage_ious[stage + 1])
+                           for b, t in zip(rois, targets)]
         return losses
 
     def _box_predictions(self, features, proposals, image_sizes) -> tuple[Tensor, Tensor]:
@@ -115,8 +115,8 @@ class CascadeRoIHeads(RoIHeads):
         counts = [p.shape[0] for p in proposals]
         boxes, probs = proposals, []
         for stage in range(self.num_stages):
-            if stage > 0:
-                boxes = next_stage_boxes(list(predicted.split(counts)), image_sizes, drop_empty=False)
             class_logits, _, predicted = self._run_stage(stage, features, boxes)
             probs.append(class_logits.float().softmax(dim=1))  # (R, K+1)
+            if stage + 1 < self.num_stages:
+                boxes = next_stage_boxes(list(predicted.split(counts)), image_sizes, drop_empty=False)
         return torch.stack(probs).mean(dim=0), boxes_per_class(predicted, self.num_classes)

@@ -7,7 +7,7 @@ trainer) read it. Modules never see a Config: they take plain keyword arguments.
 
 Each field's comment names where its default comes from. Sources: D2 = detectron2 (configs/Base-RCNN-FPN.yaml,
 config/defaults.py, the scratch_* and *_gn configs), D1 = Detectron, TV = torchvision, Paper = "Rethinking
-ImageNet Pre-training" (He, Girshick, Dollar 2019), FPN = Lin et al. 2017. See ../shared/reference/mask-rcnn-spec.md.
+ImageNet Pre-training" (He, Girshick, Dollar 2019), FPN = Lin et al. 2017.
 """
 import ast
 import copy
@@ -50,12 +50,7 @@ class RPNConfig:
     post_nms_topk_test: int = 1000
     nms_thresh: float = 0.7  # D2
     min_size: float = 0.0  # D2: drop proposals with a side <= 0
-    round_anchors: bool = False  # TV AnchorGenerator rounds the cell anchors to integers; D2 does not
-    anchor_strides_from_image: bool = False  # TV AnchorGenerator: stride = padded image size // feature size per
-    # axis (61, not 64, on P6 of an 800-px side); D2: the nominal strides 4..64
     head_conv_depth: int = 1  # 3x3 convs in the RPN head; TV maskrcnn_resnet50_fpn_v2 RPNHead(conv_depth=2)
-    normalize_by_sampled: bool = False  # TV rpn.compute_loss: both losses / sampled anchors; D2: / (256 * images)
-    rank_by_probability: bool = False  # TV filter_proposals: NMS / top-k on sigmoid(logit) (ties at 1.0); D2: logits
 
 
 @dataclass
@@ -70,7 +65,6 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05  # D2 ROI_HEADS.SCORE_THRESH_TEST
     nms_thresh: float = 0.5  # D2 ROI_HEADS.NMS_THRESH_TEST
     detections_per_image: int = 100  # COCO evaluates 100 detections per image
-    min_box_size: float = 0.0  # TV postprocess_detections drops boxes with a side < 1e-2; D2 keeps all (0)
 
 
 @dataclass
@@ -91,8 +85,6 @@ class MaskHeadConfig:
     conv_dims: tuple = (256, 256, 256, 256)  # Mask R-CNN Fig. 4 (right) / D2 NUM_CONV 4
     norm: str = "GN"  # D2 mask_rcnn_R_50_FPN_3x_gn.yaml
     resolution: int = 14  # RoIAlign output; the deconv doubles it to 28 x 28 logits
-    soft_targets: bool = False  # TV project_masks_on_boxes: RoIAlign aligned=False, soft targets; D2: >= 0.5
-    legacy_paste: bool = False  # TV/D1 paste_masks_in_image (integer boxes, 1-px padding); D2: grid_sample paste
     # At most this many foreground RoIs per image train the mask head, a uniform random subset; 0 = all of them
     # (the paper, D2, TV). Saves time where the mask head dominates the step, as in the CPU demo (BENCHMARKS.md).
     train_rois_per_image: int = 0
@@ -105,7 +97,6 @@ class KeypointHeadConfig:
     conv_dims: tuple = (512,) * 8  # Mask R-CNN Sec. 5 / D2 ROI_KEYPOINT_HEAD.CONV_DIMS
     resolution: int = 14
     heatmap_size: int = 56  # deconv (28) then bilinear x2 (D2)
-    score: str = "softmax"  # keypoint score: D2 spatial softmax; TV "logit" (the upsampled heatmap's maximum)
     loss_weight: float = 1.0  # D2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT (the demo lowers it, see _DEMO)
 
 
@@ -129,7 +120,7 @@ class ModelConfig:
     # Pixel convention the backbone expects. Images enter the model as RGB floats in [0, 1]; the model multiplies
     # by pixel_scale, reorders channels to input_format, then subtracts pixel_mean and divides by pixel_std (both
     # given in input_format order). From scratch any fixed normalisation works; D2's 9x scratch configs use
-    # BGR 0-255 with the MSRA mean and the ImageNet std. ImageNet init must match the weights (spec Sec. 1.5).
+    # BGR 0-255 with the MSRA mean and the ImageNet std. ImageNet init must match the weights (minimask/weights.py).
     input_format: str = "BGR"
     pixel_scale: float = 255.0
     pixel_mean: tuple = (103.530, 116.280, 123.675)  # D2 PIXEL_MEAN
@@ -144,6 +135,9 @@ class ModelConfig:
     # compiles first (minutes); at one fixed shape the demo model's training step is 1.4x faster on the 2-core CPU
     # after ~3 min of compiling (BENCHMARKS.md), so it pays on long runs with few distinct shapes.
     compile_backbone: bool = False
+    # torchvision's arithmetic where it departs from detectron2's (anchors, RPN loss normaliser and ranking, small-box
+    # filter, soft mask targets, mask paste, keypoint scores): minimask/torchvision_conventions.py. For its checkpoints.
+    torchvision_conventions: bool = False
 
 
 @dataclass
@@ -250,17 +244,14 @@ _DEMO = _TINY + [
 # second of batch 2 on two cores; 128-160 px training (192 px test) reaches more AP per minute than 160-192 px.
 
 _TORCHVISION = [
-    "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2", "model.fpn.norm=",
-    "model.rpn.round_anchors=True", "model.rpn.anchor_strides_from_image=True", "model.rpn.min_size=0.001",
-    "model.rpn.post_nms_topk_train=2000", "model.rpn.box_reg_loss=smooth_l1",
-    "model.rpn.smooth_l1_beta=0.1111111111111111", "model.rpn.normalize_by_sampled=True",
-    "model.rpn.rank_by_probability=True", "model.roi_heads.num_classes=90", "model.roi_heads.sampling_ratio=2",
-    "model.roi_heads.aligned=False", "model.roi_heads.min_box_size=0.01", "model.box_head.conv_dims=()",
+    "model.torchvision_conventions=True", "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2",
+    "model.fpn.norm=", "model.rpn.min_size=0.001", "model.rpn.post_nms_topk_train=2000",
+    "model.rpn.box_reg_loss=smooth_l1", "model.rpn.smooth_l1_beta=0.1111111111111111", "model.roi_heads.num_classes=90",
+    "model.roi_heads.sampling_ratio=2", "model.roi_heads.aligned=False", "model.box_head.conv_dims=()",
     "model.box_head.fc_dims=(1024, 1024)", "model.box_head.norm=", "model.box_head.reg_loss=smooth_l1",
-    "model.box_head.smooth_l1_beta=0.1111111111111111", "model.mask_head.norm=", "model.mask_head.soft_targets=True",
-    "model.mask_head.legacy_paste=True", "model.input_format=RGB", "model.pixel_scale=1.0",
-    "model.pixel_mean=(0.485, 0.456, 0.406)", "model.pixel_std=(0.229, 0.224, 0.225)", "input.mask_format=bitmask",
-    "model.images_per_canvas=0",
+    "model.box_head.smooth_l1_beta=0.1111111111111111", "model.mask_head.norm=", "model.input_format=RGB",
+    "model.pixel_scale=1.0", "model.pixel_mean=(0.485, 0.456, 0.406)", "model.pixel_std=(0.229, 0.224, 0.225)",
+    "input.mask_format=bitmask", "model.images_per_canvas=0",
 ]  # TV maskrcnn_resnet50_fpn with its weights: FrozenBN, trainable_backbone_layers=3 (= freeze_at 2), 2fc head,
 # RoIAlign sampling 2 unaligned, smooth-L1 1/9, 91-slot COCO layout (labels 1..90 = COCO ids, N/A slots unused),
 # bitmap masks and one canvas for the whole batch (its loader and GeneralizedRCNNTransform)
@@ -272,8 +263,8 @@ _TORCHVISION_V2 = _TORCHVISION + [
 # backbone / FPN / heads, 2-conv RPN head, 4conv1fc box head
 _TORCHVISION_KEYPOINT = _TORCHVISION + [
     "model.roi_heads.num_classes=1", "model.mask_head.enabled=False", "model.keypoint_head.enabled=True",
-    "model.keypoint_head.score=logit", "input.min_size_train=(640, 672, 704, 736, 768, 800)",
-]  # TV keypointrcnn_resnet50_fpn: person only, 17 keypoints, heatmap-logit keypoint scores
+    "input.min_size_train=(640, 672, 704, 736, 768, 800)",
+]  # TV keypointrcnn_resnet50_fpn: person only, 17 keypoints
 
 # detectron2 model-zoo presets, named d2_<config file name> (minimask/detectron2_format.py loads their checkpoints).
 # Inference follows minimask's defaults (= D2); these set what each yaml changes: norms, pixel std (1 unless the

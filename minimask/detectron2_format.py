@@ -4,7 +4,7 @@ A detectron2 checkpoint (`model_final_*.pkl` from its model zoo, or a `.pth` its
 "model" (name -> numpy array or tensor) and "__author__"; `minimask.weight_files.read_weights` reads both kinds (the
 .pkl files through the restricted unpickler) and `minimask.model_zoo.read_checkpoint` dispatches here. The d2_*
 presets in minimask/config.py (named after detectron2's config files, `d2_<yaml name>`) reproduce its inference
-conventions (reference spec sections 2-6, "D2"), which are minimask's defaults: ROIAlignV2 (aligned, adaptive
+conventions, which are minimask's defaults: ROIAlignV2 (aligned, adaptive
 sampling), box coder (10, 10, 5, 5), unrounded anchors at the nominal strides, grid-sample mask pasting, spatial-
 softmax keypoint scores, cascade scores averaged over the stages.
 

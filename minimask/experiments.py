@@ -4,13 +4,12 @@ that run them, and the collector that draws the paper-style figures and tables f
 - A `Grid` is a named list of detector runs (`Run`: preset, init, iterations, batch, subset, overrides), optionally
   with `pretrain.py` jobs (`Pretrain`) and data-preparation steps. Iterations come from `minimask.solver.SCHEDULES`
   (1x = 90k at batch 16) and the LR drops from `minimask.solver.lr_steps` (the last 60k and 20k iterations for
-  >= 2x, Sec. 4 of the paper; spec Sec. 8.3), exactly what train.py uses.
+  >= 2x, Sec. 4 of the paper), exactly what train.py uses.
 - The paper grids (`PAPER_GRIDS`): R50-FPN GN and SyncBN, random init vs ImageNet, 2x-6x (Fig. 1); R101;
   train-time scale augmentation 640-800 with random init 9x / pre-trained 6x, Cascade, X152 (the enhanced
-  baselines; spec 8.4 and 9.4); keypoints; and the 35k / 10k / 1k COCO subsets (training with less data). Groups
-  whose schedules are not verified against the paper's PDF (spec Sec. 9.4) say so (`Grid.verified`).
-  Section and figure numbers other than Fig. 1 are not cited: the spec has the paper's structure only from a
-  summary.
+  baselines); keypoints; and the 35k / 10k / 1k COCO subsets (training with less data). Groups whose schedules
+  have not been checked against the paper's PDF say so (`Grid.verified`); section and figure numbers other than
+  Fig. 1 are not cited for the same reason.
 - `commands(grid, ...)`: the train.py / pretrain.py command lines for a local shell, torchrun or SLURM.
 - `prepare`, `run_grid`: build the data the CPU grids read, run the jobs one after another, and collect the
   figures and the table with `minimask.collect` (AP against iterations, random init vs pre-trained, the LR drops,
@@ -30,7 +29,7 @@ from pathlib import Path
 from minimask.collect import EXPERIMENT_FILE, collect, find_runs
 from minimask.solver import SCHEDULES, lr_steps
 
-SCALE_AUG = "input.min_size_train=(640, 672, 704, 736, 768, 800)"  # spec 8.4 / D2 Base-RCNN-FPN.yaml
+SCALE_AUG = "input.min_size_train=(640, 672, 704, 736, 768, 800)"  # D2 Base-RCNN-FPN.yaml
 CASCADE = ["model.cascade.enabled=True", "model.box_head.class_agnostic=True", "model.rpn.post_nms_topk_train=2000"]
 
 
@@ -104,7 +103,7 @@ def _paper_group(name, description, preset, weights, schedules, *, subset=0, ove
 
 
 _MAIN = ("2x", "3x", "4x", "6x")
-_UNVERIFIED = ("schedules not verified against the paper's PDF (spec Sec. 9.4): check the less-data figures of "
+_UNVERIFIED = ("schedules not verified against the paper's PDF: check the less-data figures of "
                "arXiv 1811.08883 first")
 PAPER_GRIDS = {
     "gn": _paper_group("gn", "R50-FPN GN, random init vs ImageNet, 2x-6x (the paper's Fig. 1)", "r50_fpn_gn",
@@ -285,9 +284,8 @@ def experiment_record(grid: Grid, run: Run, *, root, data: str, weights_dir: str
 # ---- data preparation for the CPU grids ---------------------------------------------------------------------------
 
 def shared_data_dir() -> Path | None:
-    """$MINIMASK_SHARED_DATA, else ../shared/data beside the repository, else /work/shared/data (None if absent)."""
-    candidates = [os.environ.get("MINIMASK_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data",
-                  "/work/shared/data"]
+    """$MINIMASK_SHARED_DATA, else a shared/data folder beside the repository (None if absent)."""
+    candidates = [os.environ.get("MINIMASK_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]
     for c in candidates:
         if c and Path(c).is_dir():
             return Path(c)

@@ -1,5 +1,5 @@
 """Feature Pyramid Network (Lin et al. 2017, "Feature Pyramid Networks for Object Detection"), as configured in
-detectron2 (`modeling/backbone/fpn.py`, `Base-RCNN-FPN.yaml`) for Mask R-CNN; see the reference spec, section 2.
+detectron2 (`modeling/backbone/fpn.py` `FPN`, `LastLevelMaxPool`; `configs/Base-RCNN-FPN.yaml`) for Mask R-CNN.
 
     C2..C5 (strides 4..32) --lateral 1x1--> top-down: nearest 2x upsample + sum --3x3 output conv--> P2..P5
     P6 = P5 subsampled by 2 (max-pool, kernel 1, stride 2; used only by the RPN, Sec. 4.1 of FPN)
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimask.norm import get_norm
+from minimask.weight_init import c2_xavier_fill
 
 _STRIDES = [4, 8, 16, 32, 64]  # P2..P6
 
@@ -24,10 +25,7 @@ _STRIDES = [4, 8, 16, 32, 64]  # P2..P6
 def _conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: str | None) -> tuple[nn.Conv2d, nn.Module]:
     # A normed conv has no bias: the norm's shift makes it redundant (detectron2 convention).
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
-    # Caffe2 "XavierFill" = detectron2 `c2_xavier_fill`: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), bias 0.
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
+    c2_xavier_fill(conv)  # detectron2 FPN
     layer = get_norm(norm, out_channels)
     return conv, (nn.Identity() if layer is None else layer)  # Identity keeps the module lists aligned
 
@@ -39,7 +37,7 @@ class FPN(nn.Module):
         in_channels: channels of C2, C3, C4, C5 (finest first), e.g. ResNet-50's [256, 512, 1024, 2048].
         out_channels: channels of every output level (detectron2 FPN.OUT_CHANNELS = 256).
         norm: None / "" (convs with bias), or a `get_norm` name ("GN", "SyncBN", ...) applied after both the
-            lateral and the output convs (GN / SyncBN models; spec section 1.3).
+            lateral and the output convs (GN / SyncBN models; detectron2 `mask_rcnn_R_50_FPN_3x_gn.yaml` FPN.NORM).
 
     Attributes:
         out_channels (int), strides (list[int] = [4, 8, 16, 32, 64] for P2..P6).

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
 from minimask.ops.boxes import check_boxes
+from minimask.weight_init import c2_msra_fill
 
 
 class KeypointHead(nn.Module):
@@ -35,12 +36,9 @@ class KeypointHead(nn.Module):
         self.convs = nn.Sequential(*layers)
         # 4x4 stride-2 deconv with padding 1 doubles the side exactly: 14 -> 28 (detectron2 `score_lowres`).
         self.deconv = nn.ConvTranspose2d(channels, num_keypoints, kernel_size=4, stride=2, padding=1)
-        # detectron2 / Detectron "MSRAFill" on every weight, the deconv included; zero biases.
-        for name, param in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(param)
-            else:
-                nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
+        for module in [*self.convs, self.deconv]:  # every weight, the deconv included (detectron2, Detectron)
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                c2_msra_fill(module)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -15,8 +15,8 @@ SyncBN after each of the 4 convs (detectron2 `MaskRCNNConvUpsampleHead` with NOR
   mask"), averaged over all pixels of all foreground RoIs;
 - inference: the sigmoid of the predicted class's map is resampled into the image with `F.grid_sample`
   (`paste_masks_in_image`), which detectron2 reports is ~0.5 mask AP better than the legacy integer-box paste
-  (`paste_masks_legacy`, kept to reproduce torchvision / Detectron checkpoints, as are torchvision's soft targets:
-  `mask_targets(aligned=False, binarize=False)`).
+  (`minimask.torchvision_conventions.paste_masks_legacy`, kept to reproduce torchvision checkpoints, as are its soft
+  targets: `mask_targets(aligned=False, binarize=False)`).
 
 Class convention (minimask's): labels 1..K are objects, 0 is background; class c uses mask map c - 1.
 """
@@ -32,6 +32,7 @@ from minimask.distributed import global_normalizer
 from minimask.norm import get_norm
 from minimask.ops.boxes import check_boxes
 from minimask.ops.roi_align import roi_align
+from minimask.weight_init import c2_msra_fill
 
 # Bytes allowed for the (n, h, w) float temporary of one paste chunk; detectron2 uses ~1 GB for its whole paste.
 PASTE_CHUNK_BYTES = 256 * 1024 * 1024
@@ -59,12 +60,9 @@ class MaskHead(nn.Module):
         self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
         self.predictor = nn.Conv2d(channels, num_classes, kernel_size=1)
 
-        # Detectron "MSRAFill" (c2_msra_fill): He init with fan_out, zero bias, for the convs and the deconv.
-        for module in [*self.convs, self.deconv]:
+        for module in [*self.convs, self.deconv]:  # detectron2 `MaskRCNNConvUpsampleHead`
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                c2_msra_fill(module)
         # Small predictor init so that all masks start near p = 0.5 (detectron2 `MaskRCNNConvUpsampleHead`).
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
@@ -232,7 +230,7 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, ch
         (N, 1, h, w) probabilities, float32 (or float64 for float64 input), on probs' device. N == 0 gives
         (0, 1, h, w).
     """
-    img_h, img_w = _check_paste_inputs(probs, boxes, image_size)
+    img_h, img_w = check_paste_inputs(probs, boxes, image_size)
     num_masks = probs.shape[0]
     dtype = torch.promote_types(probs.dtype, torch.float32)
     device = probs.device
@@ -270,7 +268,7 @@ def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], *, ch
     return out
 
 
-def _check_paste_inputs(probs: Tensor, boxes: Tensor, image_size) -> tuple[int, int]:
+def check_paste_inputs(probs: Tensor, boxes: Tensor, image_size) -> tuple[int, int]:
     """ValueError unless probs is (N, S, S) and boxes (N, 4); returns the image's (h, w) as ints."""
     if probs.dim() != 3:
         raise ValueError(f"probs must have shape (N, S, S), got {tuple(probs.shape)}")
@@ -278,41 +276,3 @@ def _check_paste_inputs(probs: Tensor, boxes: Tensor, image_size) -> tuple[int, 
     if boxes.shape[0] != probs.shape[0]:
         raise ValueError(f"probs and boxes differ in length: {probs.shape[0]} masks, {boxes.shape[0]} boxes")
     return int(image_size[0]), int(image_size[1])
-
-
-def paste_masks_legacy(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
-    """The legacy paste of Detectron and torchvision (`paste_masks_in_image`), kept to reproduce their checkpoints.
-
-    Each S x S mask is zero-padded to (S + 2p) x (S + 2p), its box is scaled about its centre by (S + 2p) / S and
-    truncated to integers (x0, y0, x1, y1), the padded mask is resized bilinearly (align_corners=False) to
-    (y1 - y0 + 1) x (x1 - x0 + 1) pixels and written into the image at [y0, y1] x [x0, x1], clipped to the image.
-    One mask at a time (a Python loop): slow, but this is what the source library computes.
-
-    Args:
-        probs: (N, S, S) probabilities; boxes: (N, 4) finite boxes in image pixels; image_size: (h, w).
-    Returns:
-        (N, 1, h, w) probabilities in probs' float dtype (at least float32). N == 0 gives (0, 1, h, w).
-    """
-    img_h, img_w = _check_paste_inputs(probs, boxes, image_size)
-    dtype = torch.promote_types(probs.dtype, torch.float32)
-    out = torch.zeros((probs.shape[0], 1, img_h, img_w), dtype=dtype, device=probs.device)  # (N, 1, h, w)
-    if probs.shape[0] == 0:
-        return out
-    side = probs.shape[-1]
-    padded = F.pad(probs.detach().to(dtype), (padding,) * 4)  # (N, S + 2p, S + 2p)
-    scale = float(side + 2 * padding) / side
-    boxes = boxes.detach().to(device=probs.device, dtype=dtype)
-    # The same float operations as torchvision's `expand_boxes`, then truncation toward zero (`.to(int64)`).
-    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale  # (N,)
-    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
-    centre_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
-    centre_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    corners = torch.stack((centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h), dim=1)
-    for i, (x0, y0, x1, y1) in enumerate(corners.to(torch.int64).tolist()):  # one host sync for all boxes
-        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        resized = F.interpolate(padded[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        left, right = max(x0, 0), min(x1 + 1, img_w)
-        top, bottom = max(y0, 0), min(y1 + 1, img_h)
-        if right > left and bottom > top:
-            out[i, 0, top:bottom, left:right] = resized[top - y0:bottom - y0, left - x0:right - x0]
-    return out

@@ -3,7 +3,8 @@
 torchvision's `maskrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn_v2` and `keypointrcnn_resnet50_fpn` state dicts are
 renamed to minimask's module names and loaded into the presets `torchvision_maskrcnn_r50_fpn`, `..._v2` and
 `torchvision_keypointrcnn_r50_fpn` (minimask/config.py), which reproduce torchvision's inference and training
-conventions (reference spec sections 3-6, "TV"). Nothing here imports torchvision: a checkpoint is a dict of tensors.
+conventions (minimask/torchvision_conventions.py). Nothing here imports torchvision: a checkpoint is a dict of
+tensors.
 detectron2 checkpoints are converted by `minimask.detectron2_format` into the d2_* presets.
 
 Class layout: torchvision predicts K + 1 classes with column 0 = background, like minimask, but also regresses a box

@@ -3,7 +3,7 @@ Transformations") as used by Mask R-CNN and by "Rethinking ImageNet Pre-training
 
 Depths 18/34 use BasicBlocks (two 3x3 convs); depths 50/101/152 use Bottlenecks (1x1, grouped 3x3, 1x1). ResNeXt
 is a Bottleneck ResNet with `groups` > 1 on the 3x3 conv only (e.g. 32x4d: groups=32, width_per_group=4).
-Layout, init and freezing follow detectron2 (`modeling/backbone/resnet.py`); see the reference spec, section 1.
+Layout, init and freezing follow detectron2 (`modeling/backbone/resnet.py`).
 
 Stage names (Detectron) and module names (torchvision, with `bn` renamed `norm`):
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimask.norm import FrozenBatchNorm2d, get_norm
+from minimask.weight_init import c2_msra_fill
 
 # Blocks per stage res2..res5, and whether the depth uses Bottleneck blocks.
 _DEPTHS = {
@@ -86,7 +87,7 @@ class Bottleneck(nn.Module):
     """1x1 -> grouped 3x3 -> 1x1 + shortcut; ResNet-50+ and ResNeXt. (B, in, H, W) -> (B, out, H/s, W/s).
 
     `stride_in_1x1` puts the stride on conv1 (MSRA/Caffe weights) instead of on the 3x3 conv2 (torchvision, FAIR C2
-    and every GN / scratch config; spec section 1.1).
+    and every GN / scratch config, e.g. `mask_rcnn_R_50_FPN_3x_gn.yaml`).
     """
 
     def __init__(self, *, in_channels: int, width: int, out_channels: int, stride: int, groups: int,
@@ -122,7 +123,7 @@ class ResNet(nn.Module):
         stride_in_1x1: Bottleneck stride on the first 1x1 (MSRA weights) instead of the 3x3 (default False).
         freeze_at: 0 = train everything; k >= 1 freezes the stem, k >= 2 also res2, ..., k = 5 also res5.
             Frozen parameters get requires_grad=False and frozen BN/SyncBN layers become FrozenBatchNorm2d
-            (detectron2 `ResNet.freeze`). Scratch training must use 0 (spec section 10, pitfall 1).
+            (detectron2 `ResNet.freeze`). Scratch training must use 0 (Detectron `projects/GN/README.md`: -3.3 AP).
         freeze_norms: frozen stages' norms become FrozenBatchNorm2d (detectron2, default). False only stops their
             gradients (torchvision `_resnet_fpn_extractor`: a BatchNorm there still uses batch statistics in
             training mode).
@@ -149,7 +150,7 @@ class ResNet(nn.Module):
         blocks_per_stage, bottleneck = _DEPTHS[depth]
         self._out_features = out_features
 
-        # Stem: 7x7/2 conv -> norm -> relu -> 3x3/2 max-pool (spec section 1.1); output stride 4.
+        # Stem: 7x7/2 conv -> norm -> relu -> 3x3/2 max-pool (detectron2 `BasicStem`); output stride 4.
         stem_channels = _STEM_CHANNELS if bottleneck else width_per_group  # 64 unless a narrow basic-block net
         self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=not norm)
         self.norm1 = _norm_or_identity(norm, stem_channels)
@@ -226,12 +227,10 @@ class ResNet(nn.Module):
         return out_features
 
     def _init_weights(self) -> None:
-        """Scratch init as in detectron2 (fvcore `c2_msra_fill`; spec section 1.4)."""
+        """Scratch init as in detectron2 (`modeling/backbone/resnet.py`)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                c2_msra_fill(m)
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):  # SyncBatchNorm is a BatchNorm subclass
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from minimask.box_head import fast_rcnn_inference, fast_rcnn_losses
 from minimask.keypoint_head import heatmaps_to_keypoints, keypoint_loss, keypoint_targets
-from minimask.mask_head import mask_loss, mask_targets, paste_masks, paste_masks_legacy, polygon_mask_targets
+from minimask.mask_head import mask_loss, mask_targets, paste_masks, polygon_mask_targets
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import box_iou
 from minimask.ops.matcher import match_boxes, sample_balanced
@@ -87,6 +87,12 @@ def select_foreground(samples: list[RoISamples]) -> list[RoISamples]:
     return [_select(s, s.labels > 0) for s in samples]
 
 
+def random_subset(foreground: list[RoISamples], per_image: int) -> list[RoISamples]:
+    """At most `per_image` foreground RoIs of each image, a uniform random subset: the first ones, since
+    `sample_balanced` drew them in random order (no other draw from the RNG). 0 keeps them all."""
+    return [_select(s, slice(per_image or None)) for s in foreground]
+
+
 def with_visible_keypoints(samples: list[RoISamples], gt_keypoints: list[Tensor]) -> list[RoISamples]:
     """Keep the RoIs whose matched GT has at least one visible keypoint (v >= 1) inside the RoI box.
 
@@ -137,19 +143,12 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, append_gt: bool = True, box_reg_weights: tuple = (10, 10, 5, 5),
                  box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
-                 keypoint_heatmap_size: int = 56, min_box_size: float = 0.0, soft_mask_targets: bool = False,
-                 legacy_mask_paste: bool = False, keypoint_score: str = "softmax", keypoint_loss_weight: float = 1.0,
-                 mask_rois_per_image: int = 0):
-        """The last four before keypoint_loss_weight reproduce torchvision's conventions (defaults: detectron2's):
-        min_box_size: detections with a side < min_box_size are dropped before NMS (torchvision: 1e-2).
-        soft_mask_targets: mask targets by RoIAlign of the bitmaps without the half-pixel shift and without
-            thresholding (torchvision `project_masks_on_boxes`); used instead of polygons when a target has both.
-        legacy_mask_paste: paste masks with `paste_masks_legacy` (torchvision / Detectron).
-        keypoint_score: "softmax" (detectron2) or "logit" (torchvision), see `heatmaps_to_keypoints`.
-        keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
-        mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (the first ones of
-            each image's sample, which `sample_balanced` draws in random order: a uniform random subset, without
-            another draw from the RNG); 0 = all (the paper, detectron2, torchvision).
+                 keypoint_heatmap_size: int = 56, keypoint_loss_weight: float = 1.0, mask_rois_per_image: int = 0):
+        """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
+        mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (`random_subset`);
+            0 = all (the paper, detectron2, torchvision).
+        torchvision's checkpoints need a few other conventions: `minimask.torchvision_conventions.TorchvisionRoIHeads`
+        overrides the methods that differ.
         """
         super().__init__()
         self.box_head, self.box_predictor = box_head, box_predictor
@@ -165,8 +164,6 @@ class RoIHeads(nn.Module):
         self.box_reg_loss, self.smooth_l1_beta = box_reg_loss, smooth_l1_beta
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.mask_size, self.keypoint_heatmap_size = mask_size, keypoint_heatmap_size
-        self.min_box_size, self.soft_mask_targets = min_box_size, soft_mask_targets
-        self.legacy_mask_paste, self.keypoint_score = legacy_mask_paste, keypoint_score
         self.keypoint_loss_weight = keypoint_loss_weight
         if mask_rois_per_image < 0:
             raise ValueError(f"mask_rois_per_image must be >= 0 (0 = all), got {mask_rois_per_image}")
@@ -189,8 +186,8 @@ class RoIHeads(nn.Module):
         losses = self._box_losses(features, samples, targets, image_sizes)
         foreground = select_foreground(samples)  # the mask and keypoint heads train on these (Sec. 3)
         if self.mask_head is not None:
-            cap = self.mask_rois_per_image or None
-            losses["loss_mask"] = self._mask_loss(features, [_select(s, slice(cap)) for s in foreground], targets)
+            losses["loss_mask"] = self._mask_loss(features, random_subset(foreground, self.mask_rois_per_image),
+                                                  targets)
         if self.keypoint_head is not None:
             losses["loss_keypoint"] = self.keypoint_loss_weight * self._keypoint_loss(features, foreground, targets)
         return losses
@@ -200,9 +197,7 @@ class RoIHeads(nn.Module):
         counts = [p.shape[0] for p in proposals]
         detections = []
         for probs_i, boxes_i, size in zip(class_probs.split(counts), boxes.split(counts), image_sizes):
-            boxes_i, scores_i, labels_i, _ = fast_rcnn_inference(
-                probs_i, boxes_i, size, self.score_thresh, self.nms_thresh, self.detections_per_image,
-                min_size=self.min_box_size)
+            boxes_i, scores_i, labels_i = self._detections(probs_i, boxes_i, size)
             # detectron2 `detector_postprocess`: a box clipped to zero width or height is dropped, after the top-k.
             nonempty = (boxes_i[:, 2] > boxes_i[:, 0]) & (boxes_i[:, 3] > boxes_i[:, 1])  # (N,)
             boxes_i, scores_i, labels_i = boxes_i[nonempty], scores_i[nonempty], labels_i[nonempty]
@@ -212,6 +207,12 @@ class RoIHeads(nn.Module):
         if self.keypoint_head is not None:
             self._add_keypoints(features, detections)
         return detections
+
+    def _detections(self, probs: Tensor, boxes: Tensor, image_size) -> tuple[Tensor, Tensor, Tensor]:
+        """One image's boxes, scores and labels: score threshold, per-class NMS, top-k (`fast_rcnn_inference`)."""
+        boxes, scores, labels, _ = fast_rcnn_inference(probs, boxes, image_size, self.score_thresh, self.nms_thresh,
+                                                       self.detections_per_image)
+        return boxes, scores, labels
 
     # Box branch. Cascade R-CNN overrides `_box_losses` and `_box_predictions`.
 
@@ -253,15 +254,11 @@ class RoIHeads(nn.Module):
 
     def _mask_targets(self, foreground: RoISamples, target: dict) -> Tensor:
         """(F, M, M) binary targets: from the GT polygons when the target carries them (rasterised inside each RoI,
-        detectron2's default for COCO), else by RoIAlign-ing the full-size bitmaps."""
-        if self.soft_mask_targets and "masks" not in target:
-            raise ValueError("soft mask targets (torchvision's) are computed from bitmaps, but a target carries only "
-                             "polygons: load the data with input.mask_format=bitmask")
-        if "polygons" in target and not self.soft_mask_targets:
+        detectron2's default for COCO), else by RoIAlign-ing the full-size bitmaps and cutting at 0.5."""
+        if "polygons" in target:
             matched = foreground.matched_idxs.tolist()
             return polygon_mask_targets([target["polygons"][i] for i in matched], foreground.boxes, self.mask_size)
-        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size,
-                            aligned=not self.soft_mask_targets, binarize=not self.soft_mask_targets)
+        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size)
 
     def _keypoint_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
         selected = with_visible_keypoints(foreground, [t["keypoints"] for t in targets])
@@ -283,16 +280,21 @@ class RoIHeads(nn.Module):
         # Sec. 3, "Inference": the mask of the predicted class k, the k-th of the K maps.
         probs = logits[torch.arange(labels.shape[0], device=labels.device), labels - 1].sigmoid()  # (N, M, M)
         for d, probs_i, size in zip(detections, probs.split([b.shape[0] for b in boxes]), image_sizes):
-            paste = paste_masks_legacy if self.legacy_mask_paste else paste_masks
-            d["masks"] = paste(probs_i, d["boxes"], size)  # (N_i, 1, h, w)
+            d["masks"] = self._paste_masks(probs_i, d["boxes"], size)  # (N_i, 1, h, w)
+
+    def _paste_masks(self, probs: Tensor, boxes: Tensor, image_size) -> Tensor:
+        return paste_masks(probs, boxes, image_size)
 
     def _add_keypoints(self, features, detections: list[dict[str, Tensor]]) -> None:
         boxes = [d["boxes"] for d in detections]
         logits = self.keypoint_head(self._pool(features, boxes, self.keypoint_resolution))  # (N, P, S, S)
-        keypoints, scores = heatmaps_to_keypoints(logits, torch.cat(boxes), self.keypoint_score)  # (N, P, 3), (N, P)
+        keypoints, scores = self._decode_keypoints(logits, torch.cat(boxes))  # (N, P, 3), (N, P)
         counts = [b.shape[0] for b in boxes]
         for d, keypoints_i, scores_i in zip(detections, keypoints.split(counts), scores.split(counts)):
             d["keypoints"], d["keypoints_scores"] = keypoints_i, scores_i
+
+    def _decode_keypoints(self, logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        return heatmaps_to_keypoints(logits, boxes)
 
     def _check_inputs(self, features, proposals, image_sizes, targets) -> None:
         if len(features) != len(self.feature_scales):

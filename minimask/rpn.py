@@ -1,5 +1,5 @@
 """Region Proposal Network with FPN (Sec. 3.1 of Faster R-CNN; Sec. 4.1 of FPN), following detectron2's `RPN`,
-`StandardRPNHead` and `find_top_rpn_proposals`; see the reference spec, section 3.
+`StandardRPNHead` and `find_top_rpn_proposals` (`modeling/proposal_generator/rpn.py`, `proposal_utils.py`).
 
     P2..P6 --shared head--> per-anchor objectness logit + 4 deltas
       training: label anchors vs GT (IoU >= 0.7 fg, < 0.3 bg, best match fg), sample 256 (<= 50% fg) per image,
@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from minimask.anchors import multilevel_anchors
 from minimask.distributed import global_normalizer
-from minimask.losses import box_regression_loss
-from minimask.ops.box_coder import decode, encode
+from minimask.ops.box_coder import box_regression_loss, decode, encode
 from minimask.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
 from minimask.ops.matcher import match_boxes, sample_balanced
 
@@ -103,27 +102,21 @@ def rpn_losses(
     pred_deltas: Tensor,
     labels: Tensor,
     matched_gt_boxes: Tensor,
+    normalizer: Tensor,
     *,
-    batch_size_per_image: int,
     box_reg_loss: str = "l1",
     smooth_l1_beta: float = 0.0,
-    normalize_by_sampled: bool = False,
 ) -> dict[str, Tensor]:
-    """The two RPN losses with detectron2's normalisation (both divided by batch_size_per_image * B).
-
-    normalize_by_sampled=True divides both by the number of sampled anchors in the batch instead (torchvision
-    `RegionProposalNetwork.compute_loss`: mean BCE over the sampled anchors, box loss sum / sampled count).
+    """The two RPN losses, each summed and divided by `normalizer` (detectron2: batch_size_per_image * images,
+    `RPN.loss_normalizer`).
 
     Args:
         anchors: (M, 4) all levels concatenated; pred_logits: (B, M); pred_deltas: (B, M, 4);
-        labels: (B, M) in {1, 0, -1} from `label_anchors`; matched_gt_boxes: (B, M, 4).
+        labels: (B, M) in {1, 0, -1} from `label_anchors`; matched_gt_boxes: (B, M, 4); normalizer: () tensor.
     Returns:
         {"loss_objectness": BCE-with-logits summed over anchors with label >= 0,
          "loss_rpn_box_reg": box_regression_loss summed over anchors with label 1, against encode(gt, anchor)}.
         With no positive anchor, loss_rpn_box_reg is exactly 0 and still connected to pred_deltas' graph.
-
-    Data parallel: B is the global number of images (`global_normalizer(B_local)`, B_local in one process), so the
-    gradient averaged over ranks equals one process holding the whole batch; every rank must call this.
     """
     b, m = pred_logits.shape
     if anchors.shape != (m, 4) or pred_deltas.shape != (b, m, 4):
@@ -143,11 +136,6 @@ def rpn_losses(
     loss_obj = F.binary_cross_entropy_with_logits(
         pred_logits[valid].to(loss_dtype), labels[valid].to(loss_dtype), reduction="sum"
     )
-    if normalize_by_sampled:  # torchvision convention
-        normalizer = global_normalizer(valid.sum().to(torch.float32))
-    else:
-        images = global_normalizer(torch.full((), b, dtype=torch.float32, device=pred_logits.device))
-        normalizer = images * batch_size_per_image  # detectron2: per image, batch_size_per_image anchors
     return {"loss_objectness": loss_obj / normalizer, "loss_rpn_box_reg": loss_box / normalizer}
 
 
@@ -164,7 +152,7 @@ def find_top_proposals(
     training: bool = False,
     rank_by_probability: bool = False,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Select each image's proposals (detectron2 `find_top_rpn_proposals`; reference spec section 3.6).
+    """Select each image's proposals (detectron2 `find_top_rpn_proposals`, `proposal_utils.py`).
 
     Per level keep the pre_nms_topk highest logits of each image, decode them, clip to the image, drop boxes with
     width or height <= min_size, run NMS at nms_thresh within each level, and keep the post_nms_topk best of the
@@ -175,8 +163,9 @@ def find_top_proposals(
         image_sizes: B pairs (h, w) to clip to.
         training: if True, a non-finite box or logit raises FloatingPointError (detectron2 stops a diverged run);
             otherwise such proposals are dropped.
-        rank_by_probability: NMS and the final top-k rank sigmoid(logit) instead of the logit (torchvision). The
-            order is the same except that float32 sigmoids of large logits tie at 1.0, and ties keep their order.
+        rank_by_probability: NMS and the final top-k rank sigmoid(logit) instead of the logit (torchvision's
+            checkpoints, `minimask.torchvision_conventions`). The order is the same except that float32 sigmoids of
+            large logits tie at 1.0, and ties keep their order.
     Returns:
         (boxes, scores): per image a (P_i, 4) float tensor and its (P_i,) logits (probabilities with
         rank_by_probability), sorted by decreasing score,
@@ -231,7 +220,7 @@ def find_top_proposals(
 
 
 class RPN(nn.Module):
-    """Region Proposal Network over FPN levels P2..P6 (detectron2 defaults; reference spec section 3).
+    """Region Proposal Network over FPN levels P2..P6 (detectron2 `RPN` with its defaults).
 
     forward(features, image_sizes, targets=None) -> (proposals, losses):
         features: list of (B, in_channels, H_l, W_l), one per stride, finest first.
@@ -240,6 +229,8 @@ class RPN(nn.Module):
         proposals: per image a detached (P_i, 4) tensor sorted by decreasing objectness, P_i <= post_nms_topk.
         losses: {"loss_objectness", "loss_rpn_box_reg"} in training mode, {} in eval mode.
     Anchors are float32 on the features' device whatever the feature dtype (coordinates up to ~1e3 need it).
+    `head_conv_depth` stacks more 3x3 convs in the head (torchvision's v2 models: 2). torchvision's checkpoints need
+    a few other conventions: `minimask.torchvision_conventions.TorchvisionRPN` overrides the methods below.
     """
 
     def __init__(
@@ -262,21 +253,8 @@ class RPN(nn.Module):
         post_nms_topk_test: int = 1000,
         nms_thresh: float = 0.7,
         min_size: float = 0.0,
-        round_anchors: bool = False,
-        anchor_strides_from_image: bool = False,
         head_conv_depth: int = 1,
-        normalize_by_sampled: bool = False,
-        rank_by_probability: bool = False,
     ):
-        """Keyword arguments after min_size reproduce torchvision's conventions (defaults: detectron2's):
-        round_anchors: cell anchors rounded to integers (`AnchorGenerator.generate_anchors`).
-        anchor_strides_from_image: each level's (stride_y, stride_x) is padded image size // feature size, e.g.
-            61 rather than 64 on P6 of an 800-px side (torchvision `AnchorGenerator.forward`); the padded size is
-            P_first's size times strides[0].
-        head_conv_depth: 3x3 convs in the head (torchvision v2: 2).
-        normalize_by_sampled: see `rpn_losses`.
-        rank_by_probability: see `find_top_proposals`.
-        """
         super().__init__()
         if len(anchor_sizes) != len(strides) or len(strides) == 0:
             raise ValueError(f"need one anchor size per stride, got {len(anchor_sizes)} sizes, {len(strides)} strides")
@@ -304,8 +282,6 @@ class RPN(nn.Module):
         self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
         self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
         self.nms_thresh, self.min_size = nms_thresh, min_size
-        self.round_anchors, self.anchor_strides_from_image = round_anchors, anchor_strides_from_image
-        self.normalize_by_sampled, self.rank_by_probability = normalize_by_sampled, rank_by_probability
         self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios), conv_depth=head_conv_depth)
 
     def forward(
@@ -314,6 +290,45 @@ class RPN(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         targets: Sequence[dict] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        self._check_inputs(features, image_sizes, targets)
+        anchors = self.anchors(features)  # per level (H_l*W_l*A, 4)
+        logits, deltas = self.head(features)  # per level (B, M_l), (B, M_l, 4)
+        losses = self.losses(anchors, logits, deltas, targets) if self.training else {}
+        proposals, _ = self.select_proposals(anchors, [x.detach() for x in logits], [x.detach() for x in deltas],
+                                             image_sizes)
+        return proposals, losses
+
+    def anchors(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Each level's anchors (H_l*W_l*A, 4), at the level's nominal stride (4, 8, ..., 64)."""
+        return multilevel_anchors(self.anchor_sizes, self.aspect_ratios, [tuple(f.shape[-2:]) for f in features],
+                                  self.strides, self.anchor_offset, device=features[0].device, dtype=torch.float32)
+
+    def losses(self, anchors: list[Tensor], logits: list[Tensor], deltas: list[Tensor],
+               targets: Sequence[dict]) -> dict[str, Tensor]:
+        """Label and sample each image's anchors against its GT boxes, then the two losses (Faster R-CNN Eqn. 1)."""
+        all_anchors = torch.cat(anchors)  # (M, 4)
+        with torch.no_grad():
+            labelled = [label_anchors(all_anchors, t["boxes"], self.fg_iou, self.bg_iou, self.batch_size_per_image,
+                                      self.positive_fraction) for t in targets]
+            labels = torch.stack([lab for lab, _ in labelled])  # (B, M)
+            matched = torch.stack([gt for _, gt in labelled])  # (B, M, 4)
+        return rpn_losses(all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched,
+                          self.loss_normalizer(labels), box_reg_loss=self.box_reg_loss,
+                          smooth_l1_beta=self.smooth_l1_beta)
+
+    def loss_normalizer(self, labels: Tensor) -> Tensor:
+        """batch_size_per_image x the number of images (detectron2). Data parallel: the global number of images
+        (`global_normalizer`), so the gradient averaged over ranks equals one process holding the whole batch; every
+        rank must call it."""
+        images = global_normalizer(torch.full((), labels.shape[0], dtype=torch.float32, device=labels.device))
+        return images * self.batch_size_per_image
+
+    def select_proposals(self, anchors, logits, deltas, image_sizes) -> tuple[list[Tensor], list[Tensor]]:
+        return find_top_proposals(anchors, logits, deltas, image_sizes, pre_nms_topk=self.pre_nms_topk[self.training],
+                                  post_nms_topk=self.post_nms_topk[self.training], nms_thresh=self.nms_thresh,
+                                  min_size=self.min_size, training=self.training)
+
+    def _check_inputs(self, features, image_sizes, targets) -> None:
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature maps (one per stride), got {len(features)}")
         num_images = features[0].shape[0]
@@ -325,39 +340,3 @@ class RPN(nn.Module):
                 raise ValueError("RPN in training mode needs targets (a list of dicts with 'boxes')")
             if len(targets) != num_images:
                 raise ValueError(f"got {len(targets)} targets for a batch of {num_images} images")
-
-        feature_hws = [tuple(f.shape[-2:]) for f in features]
-        strides = self.strides
-        if self.anchor_strides_from_image:  # torchvision: integer division of the padded image size, per axis
-            padded_h, padded_w = feature_hws[0][0] * self.strides[0], feature_hws[0][1] * self.strides[0]
-            strides = [(padded_h // max(h, 1), padded_w // max(w, 1)) for h, w in feature_hws]
-        anchors = multilevel_anchors(
-            self.anchor_sizes, self.aspect_ratios, feature_hws, strides, self.anchor_offset,
-            device=features[0].device, dtype=torch.float32, round_to_int=self.round_anchors,
-        )  # per level (H_l*W_l*A, 4)
-        logits, deltas = self.head(features)  # per level (B, M_l), (B, M_l, 4)
-
-        losses = {}
-        if self.training:
-            all_anchors = torch.cat(anchors)  # (M, 4)
-            with torch.no_grad():
-                labelled = [
-                    label_anchors(all_anchors, t["boxes"], self.fg_iou, self.bg_iou, self.batch_size_per_image,
-                                  self.positive_fraction)
-                    for t in targets
-                ]
-                labels = torch.stack([lab for lab, _ in labelled])  # (B, M)
-                matched = torch.stack([gt for _, gt in labelled])  # (B, M, 4)
-            losses = rpn_losses(
-                all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched,
-                batch_size_per_image=self.batch_size_per_image, box_reg_loss=self.box_reg_loss,
-                smooth_l1_beta=self.smooth_l1_beta, normalize_by_sampled=self.normalize_by_sampled,
-            )
-
-        proposals, _ = find_top_proposals(
-            anchors, [x.detach() for x in logits], [x.detach() for x in deltas], image_sizes,
-            pre_nms_topk=self.pre_nms_topk[self.training], post_nms_topk=self.post_nms_topk[self.training],
-            nms_thresh=self.nms_thresh, min_size=self.min_size, training=self.training,
-            rank_by_probability=self.rank_by_probability,
-        )
-        return proposals, losses

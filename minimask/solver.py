@@ -4,8 +4,7 @@
 Detectron, batch 16, base LR 0.02, momentum 0.9, weight decay 1e-4, linear warm-up, and the LR reduced by 10x in
 the last 60k and the last 20k iterations *whatever the schedule length* (2x = 180k, 3x = 270k, 6x = 540k,
 9x = 810k iterations). Shorter schedules (1x = 90k: 60k, 80k) scale the 60/90 and 80/90 points proportionally
-(detectron2 `configs/common/coco_schedule.py`, `default_X_scheduler`). Facts and sources:
-/work/shared/reference/mask-rcnn-spec.md, Sec. 8.
+(detectron2 `configs/common/coco_schedule.py`, `default_X_scheduler`).
 
 - `lr_at`: detectron2's `WarmupMultiStepLR` as a pure function of the iteration (no scheduler object, so resuming
   from a checkpoint needs only the iteration number): linear warm-up factor
@@ -30,7 +29,7 @@ from torch import nn
 
 from minimask.norm import SyncBatchNorm
 
-# Schedule name -> max_iter at batch 16 (spec Sec. 8.3).
+# Schedule name -> max_iter at batch 16 (1x = 90k: detectron2 `configs/common/coco_schedule.py`).
 SCHEDULES = {"1x": 90_000, "2x": 180_000, "3x": 270_000, "6x": 540_000, "9x": 810_000}
 
 # Modules whose parameters (the affine gamma/beta) get `weight_decay_norm`. FrozenBatchNorm2d has no parameters.

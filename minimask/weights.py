@@ -1,7 +1,7 @@
 """Initial weights for training: random init checks, ImageNet backbones in every common format, safe loading.
 
 The paper ("Rethinking ImageNet Pre-training", He/Girshick/Dollar 2019, Sec. 3-4) compares training from random
-init with fine-tuning from ImageNet classification. Both must be set up right (spec sections 1.2-1.5, 10):
+init with fine-tuning from ImageNet classification. Both must be set up right:
 
 - `--init random`: every layer keeps the init of detectron2 (each module's constructor; checked in
   tests/test_build.py); nothing may be frozen and no FrozenBN may be used (`check_init_config`).
@@ -29,7 +29,7 @@ from minimask.weight_files import FORMATS, read_weights
 
 _BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weights with running statistics
 _PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
-_D2_MEAN = (103.530, 116.280, 123.675)  # BGR 0-255; D2 config/defaults.py PIXEL_MEAN (spec 1.5)
+_D2_MEAN = (103.530, 116.280, 123.675)  # BGR 0-255; D2 config/defaults.py PIXEL_MEAN
 
 # The layers whose shape follows the number of classes (fine-tuning to another label set re-initialises them).
 _CLASS_LAYER = re.compile(r"(^|\.)(cls_score|bbox_pred)\.|mask_head\.predictor\.|^category_ids$")
@@ -92,7 +92,7 @@ def _architecture(state: dict) -> tuple[str, int, int, bool]:
 
 
 def imagenet_conventions(fmt: str, state: dict) -> dict:
-    """The config values the weights were trained with, as {"dotted.key": value} (spec section 1.5).
+    """The config values the weights were trained with, as {"dotted.key": value} (detectron2 `config/defaults.py`).
 
     Keys: "model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std" (absent for "minimask":
     a bare state dict does not say), "model.backbone.stride_in_1x1", and "model.backbone.norm", whose value is a
@@ -132,7 +132,7 @@ def imagenet_conventions(fmt: str, state: dict) -> dict:
         if depth != 152:
             out["model.pixel_std"] = (57.375, 57.120, 58.395)
         return out
-    # MSRA ResNets (R-50.pkl, R-101.pkl): D2 defaults STRIDE_IN_1X1 True, std 1 (spec 1.1 / 1.5).
+    # MSRA ResNets (R-50.pkl, R-101.pkl): D2 defaults STRIDE_IN_1X1 True, std 1 (D2 `config/defaults.py`).
     out["model.backbone.stride_in_1x1"] = bottleneck  # BasicBlocks have no 1x1 conv
     return out
 
@@ -316,7 +316,8 @@ def check_init_config(cfg, init: str) -> None:
     """Refuse configs that cannot train with `init` (ValueError naming the offending field).
 
     random: FrozenBN anywhere keeps identity statistics and fixed affine parameters, i.e. no normalisation at all
-    (spec 10, pitfall 2), and `freeze_at > 0` leaves random layers untrained (pitfall 1: -3 AP in Detectron).
+    (detectron2 issue #914), and `freeze_at > 0` leaves random layers untrained (-3.3 AP in Detectron,
+    `projects/GN/README.md`).
     """
     if init not in ("random", "imagenet", "checkpoint"):
         raise ValueError(f"--init must be random, imagenet or checkpoint, got {init!r}")

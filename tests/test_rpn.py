@@ -98,8 +98,9 @@ def test_rpn_losses_hand_computed(kind, beta):
     pred = torch.tensor([[[0.25, 0.1, 0.5, -0.2], [9.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]],
                          [[9.0, 9.0, 9.0, 9.0], [0.1, 0.0, 0.0, 0.05], [9.0, 9.0, 9.0, 9.0]]], requires_grad=True)
     matched = gt.expand(2, 3, 4)
-    losses = rpn_losses(anchors, logits, pred, labels, matched, batch_size_per_image=256, box_reg_loss=kind,
-                        smooth_l1_beta=beta)
+    norm = RPN(batch_size_per_image=256).loss_normalizer(labels)  # 256 * 2 images (detectron2)
+    assert norm.item() == 512
+    losses = rpn_losses(anchors, logits, pred, labels, matched, norm, box_reg_loss=kind, smooth_l1_beta=beta)
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg"}
     # BCE: label 1 -> softplus(-x), label 0 -> softplus(x); ignored anchors (label -1) contribute nothing.
     obj = _softplus(-2.0) + _softplus(-1.0) + _softplus(-3.0) + _softplus(-2.0)
@@ -110,7 +111,7 @@ def test_rpn_losses_hand_computed(kind, beta):
         reg = sum(abs(d) for d in diffs)
     else:
         reg = sum(0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta for d in diffs)
-    norm = 256 * 2  # batch_size_per_image * num_images (detectron2)
+    norm = 512
     torch.testing.assert_close(losses["loss_objectness"], torch.tensor(obj / norm))
     torch.testing.assert_close(losses["loss_rpn_box_reg"], torch.tensor(reg / norm))
     (losses["loss_objectness"] + losses["loss_rpn_box_reg"]).backward()
@@ -121,7 +122,7 @@ def test_rpn_losses_hand_computed(kind, beta):
 def test_rpn_losses_shape_mismatch():
     with pytest.raises(ValueError, match="shape mismatch"):
         rpn_losses(torch.zeros(3, 4), torch.zeros(1, 3), torch.zeros(1, 2, 4), torch.zeros(1, 3),
-                   torch.zeros(1, 3, 4), batch_size_per_image=256)
+                   torch.zeros(1, 3, 4), torch.tensor(256.0))
 
 
 def test_image_without_objects_zero_box_loss_and_backward():

@@ -2,7 +2,7 @@
 per-sample seeded augmentation, and the train/test DataLoaders.
 
 The paper trains for a fixed number of iterations (Detectron's schedules; "Rethinking ImageNet Pre-training",
-reference spec Sec. 8.3 and 8.4), so training data is an endless stream, as in detectron2 (D2) `TrainingSampler` +
+Sec. 4), so training data is an endless stream, as in detectron2 (D2) `TrainingSampler` +
 `AspectRatioGroupedDataset`:
 
 - The GLOBAL stream is a concatenation of epochs; epoch e is a permutation of range(size) drawn from a

@@ -2,7 +2,7 @@
 
 "Rethinking ImageNet Pre-training" (He et al. 2019) trains with Detectron's data settings: the shorter side resized
 to 800 px (longer side <= 1333) and a random horizontal flip, no other augmentation; its enhanced baselines draw the
-training shorter side from [640, 800] (reference spec Sec. 8.4 and 9.4). detectron2 (D2) implements this as
+training shorter side from [640, 800]. detectron2 (D2) implements this as
 `ResizeShortestEdge` + `RandomFlip`; we follow its conventions:
 
 - An image is a float tensor (3, H, W). A target is the dict of the data contract: `boxes` (N, 4) float xyxy in

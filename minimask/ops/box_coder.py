@@ -1,4 +1,5 @@
-"""The box coder: boxes <-> regression deltas (Sec. 3.1.2 of Faster R-CNN, Eqn. 2).
+"""The box coder: boxes <-> regression deltas (Sec. 3.1.2 of Faster R-CNN, Eqn. 2), and the regression loss on
+those deltas that the RPN and the box head share (as detectron2's `modeling/box_regression.py`).
 
 A reference box (an anchor or a proposal) with centre (px, py) and size (pw, ph) is moved onto a target box
 (gx, gy, gw, gh) by the deltas
@@ -11,6 +12,10 @@ scales the deltas of well-overlapping proposals to roughly unit variance. Widths
 
 Invariant: decode(encode(targets, boxes, w), boxes, w) == targets (up to rounding) for boxes of positive size,
 as long as |dw|, |dh| stay below the decode clamp.
+
+The loss (`box_regression_loss`): detectron2 uses plain L1 for both heads (SMOOTH_L1_BETA = 0.0 in
+`config/defaults.py`); Detectron and torchvision used smooth-L1 with beta 1/9 (RPN) and 1 (box head; torchvision
+`rpn.py`, `roi_heads.py`).
 """
 import math
 
@@ -72,3 +77,33 @@ def decode(
     w, h = torch.exp(dw) * pw, torch.exp(dh) * ph  # (N, k)
     decoded = torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=2)  # (N, k, 4)
     return decoded.reshape(deltas.shape)  # (N, 4k)
+
+
+_LOSS_TYPES = ("l1", "smooth_l1")
+
+
+def box_regression_loss(pred: Tensor, target: Tensor, loss_type: str = "l1", beta: float = 0.0) -> Tensor:
+    """Summed (not averaged) regression loss between predicted and target deltas; callers normalise.
+
+    Args:
+        pred, target: deltas of the same shape, e.g. (P, 4); target carries no gradient.
+        loss_type: "l1": sum |x|; "smooth_l1": sum of 0.5 x^2 / beta where |x| < beta, |x| - 0.5 beta elsewhere,
+            with x = pred - target (Eqn. 3 of Fast R-CNN with a transition point beta).
+        beta: smooth-L1 transition point (>= 0). Below 1e-5 smooth-L1 is computed as L1 (detectron2 convention: it
+            avoids the 0/0 of beta = 0 and they coincide in the limit).
+
+    Returns:
+        A 0-dim tensor in pred's dtype (at least fp32). For empty inputs it is exactly 0 and still part of the
+        autograd graph of `pred`, so every parameter that produced `pred` receives a (zero) gradient.
+    """
+    if loss_type not in _LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    diff = (pred.to(dtype) - target.to(dtype)).abs()
+    if loss_type == "l1" or beta < 1e-5:
+        return diff.sum()
+    return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta).sum()
