@@ -28,7 +28,7 @@ from pycocotools.coco import COCO
 import minimask
 from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
-from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
 TTA_MAX_SIZE = 4000  # detectron2 TEST.AUG.MAX_SIZE

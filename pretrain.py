@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import minimask
-from minimask.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
+from minimask.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
 from minimask.classification import BACKBONE_KEYS, PIXEL_KEYS, ImageFolder, build_classifier, evaluate, topk_correct
 from minimask.config import PRESETS, apply_override
 from minimask.data.samplers import build_train_loader, consumed_samples
 from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
 from minimask.engine import loop
-from minimask.runtime import ArgumentParser, UsageError, code_version, ensure_writable_dir
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.solver import build_optimizer, lr_at, lr_steps, scaled_lr
 
 EXIT_USAGE = loop.EXIT_USAGE

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import minimask
-from minimask.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint, stream_changes
+from minimask.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint, stream_changes
 from minimask.config import PRESETS, apply_override, to_dict
 from minimask.data import (CocoDetection, IndexSubset, build_test_loader, build_train_loader, build_transforms,
                            subset_indices)
@@ -39,11 +39,10 @@ from minimask.data.coco import dataset_splits
 from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
 from minimask.engine import loop
+from minimask.engine.precise_bn import bn_statistics, recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
-from minimask.norm import recompute_bn_stats
 from minimask.run_log import plot_metrics
-from minimask.runtime import (ArgumentParser, UsageError, autocast_context, code_version, ensure_writable_dir,
-                              in_collective, last_line, to_device)
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
 from minimask.visualize import save_visualizations
 from minimask.weight_files import read_weights
@@ -192,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(**run)
     except RuntimeError as e:  # gloo: "Connection closed by peer"; nccl: DistBackendError (a RuntimeError)
         info = run["dist_info"]
-        if info.world_size == 1 or not in_collective(e):
+        if info.world_size == 1 or not loop.in_collective(e):
             raise
         print(f"train.py: error: rank {info.rank}: a collective operation failed, most likely because another "
-              f"process died (its own error names the cause): {last_line(e)}", file=sys.stderr)
+              f"process died (its own error names the cause): {loop.last_line(e)}", file=sys.stderr)
         return EXIT_PEER_LOST
 
 
@@ -245,7 +244,7 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
     model.to(device)
     optimizer = build_optimizer(model, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
                                 weight_decay_norm=s.weight_decay_norm)
-    autocast, scaler = autocast_context(device, s.amp)
+    autocast, scaler = loop.autocast_context(device, s.amp)
     config_dict = to_dict(cfg)
     if rank == 0:
         print(json.dumps(config_dict, indent=1))
@@ -289,7 +288,7 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
 
 def detection_losses(model, batch, *, device) -> dict:
     """The loss function of the training loop: the detector's losses on one batch (images, targets)."""
-    images, targets = to_device(*batch, device)
+    images, targets = loop.to_device(*batch, device)
     return model(images, targets)
 
 
@@ -358,11 +357,6 @@ class DetectionRun:
                        output=self.output)
 
 
-def bn_statistics(model) -> dict:
-    """Copies of the BatchNorm running statistics (what precise BN changes), to put back after an evaluation."""
-    return {name: buf.clone() for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1].startswith("running_")}
-
-
 def precise_bn(model, train_set, *, cfg, iteration: int, dist_info) -> None:
     """Recompute BN statistics over solver.precise_bn_iters training batches (a sample stream of their own, seeded
     by the iteration, so that a resumed run repeats it); a no-op without BatchNorm layers."""
@@ -370,7 +364,7 @@ def precise_bn(model, train_set, *, cfg, iteration: int, dist_info) -> None:
     loader = build_train_loader(train_set, batch_size_per_rank=cfg.solver.batch_size // world_size,
                                 seed=derive_seed(cfg.seed, PRECISE_BN_STREAM, iteration), rank=dist_info.rank,
                                 world_size=world_size, num_workers=cfg.data.num_workers)
-    used = recompute_bn_stats(model, loader, lambda m, batch: m(*to_device(*batch, device)),
+    used = recompute_bn_stats(model, loader, lambda m, batch: m(*loop.to_device(*batch, device)),
                               cfg.solver.precise_bn_iters)
     if used and dist_info.rank == 0:
         print(f"precise BN: recomputed the BatchNorm statistics over {used} batches")

@@ -21,7 +21,7 @@ import torch
 
 import minimask
 from evaluate import select_device
-from minimask.runtime import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import os
 import random
 import re
+import subprocess
 import tempfile
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -273,3 +275,13 @@ def stream_changes(saved: dict, config: dict, world_size: int) -> list[str]:
     if saved.get("world_size", world_size) != world_size:
         changed.append(f"world size {saved['world_size']} -> {world_size}")
     return changed
+
+
+def code_version() -> str:
+    """`git describe --always --dirty` of the repository minimask lives in, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"

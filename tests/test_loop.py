@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from minimask.engine import loop
-from minimask.runtime import StopRequest
 
 
 def toy():
@@ -47,7 +46,7 @@ def test_train_step_takes_no_step_on_a_non_finite_loss_and_reads_the_stop_reques
     step = loop.train_step(model, None, lambda m, b: {"loss_bad": m.weight.sum() * math.inf}, optimizer,
                            params=list(model.parameters()))
     assert step.bad_loss and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    stop = StopRequest()
+    stop = loop.StopRequest()
     stop.signal_name = "SIGTERM"
     assert loop.train_step(model, next(batches()), regression_loss, optimizer, params=list(model.parameters()),
                            stop=stop).stop

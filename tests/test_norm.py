@@ -1,5 +1,5 @@
-"""Tests for minimask.norm: FrozenBatchNorm2d, SyncBatchNorm (single process and two gloo processes), get_norm,
-precise BN (recompute_bn_stats)."""
+"""Tests for minimask.norm: FrozenBatchNorm2d, SyncBatchNorm (single process and two gloo processes), get_norm;
+and precise BN (minimask.engine.precise_bn.recompute_bn_stats), which shares their BatchNorm and gloo helpers."""
 import multiprocessing
 import os
 import socket
@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimask.norm import FrozenBatchNorm2d, SyncBatchNorm, get_norm, recompute_bn_stats
+from minimask.engine.precise_bn import recompute_bn_stats
+from minimask.norm import FrozenBatchNorm2d, SyncBatchNorm, get_norm
 
 
 def _random_bn(bn: nn.BatchNorm2d, dtype=torch.float32) -> nn.BatchNorm2d:

@@ -14,7 +14,9 @@ and checking that every process continues from the same iteration.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,6 @@ from torch import Tensor, nn
 from minimask.checkpoint import checkpoint_name, list_checkpoints, load_latest, rng_state, set_rng_state
 from minimask.distributed import all_reduce_sum, barrier, reduce_dict_mean
 from minimask.run_log import append_metrics, max_memory_mb, read_metrics, write_metrics
-from minimask.runtime import StopRequest, describe_divergence, last_line
 from minimask.solver import clip_grad_norm, grad_norm
 
 EXIT_DIVERGED = 1
@@ -276,3 +277,71 @@ def progress_bar(initial: int, total: int, *, enabled: bool):
 
     return tqdm(initial=initial, total=total, disable=not enabled, dynamic_ncols=True, desc="train",
                 file=sys.stderr, mininterval=2.0)
+
+
+# ---- the pieces around the step: preemption, mixed precision, device moves, the wording of fatal errors ----------
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current iteration and exits cleanly."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers only install there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """(context factory, GradScaler or None): bf16 autocast where the device supports it, else fp16 + scaling."""
+    if not enabled:
+        return contextlib.nullcontext, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+def to_device(images: list, targets: list[dict], device: torch.device) -> tuple[list, list[dict]]:
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def in_collective(error: BaseException) -> bool:
+    """Whether `error` was raised in torch.distributed or in minimask/distributed.py (collectives only)."""
+    tb, files = error.__traceback__, []
+    while tb is not None:
+        files.append(Path(tb.tb_frame.f_code.co_filename).as_posix())
+        tb = tb.tb_next
+    return any("torch/distributed/" in f or f.endswith("minimask/distributed.py") for f in files)
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (a DataLoader worker's error carries the worker's traceback first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def describe_divergence(model, loss_dict: dict, bad_loss: bool, iteration: int) -> str:
+    """What is non-finite at `iteration`: the loss terms, else the parameters whose gradient is (a rare path:
+    these checks sync freely)."""
+    if bad_loss:
+        bad = [k for k, v in loss_dict.items() if not torch.isfinite(v)]
+        where = ", ".join(f"{k} = {loss_dict[k].item()}" for k in bad) if bad else "on another process"
+        return f"non-finite loss at iteration {iteration}: {where}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if not bad:
+        return f"non-finite gradient norm at iteration {iteration} (every gradient is finite; their norm overflows)"
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"non-finite gradient at iteration {iteration} in {len(bad)} parameter(s): {', '.join(bad[:5])}{more}"
