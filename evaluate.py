@@ -224,7 +224,7 @@ def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
 def read_weights(path: str, cfg) -> dict:
     """The minimask state dict in `path`: a minimask checkpoint (a state dict, or {"model": state dict}) or a
     torchvision detection checkpoint, converted (minimask.model_zoo); ValueError naming the file otherwise."""
-    from minimask.checkpoint import CheckpointError
+    from minimask.engine.checkpoint import CheckpointError
     from minimask.model_zoo import read_checkpoint
 
     try:

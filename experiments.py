@@ -1,5 +1,5 @@
 """The experiments of "Rethinking ImageNet Pre-training" (He, Girshick, Dollar 2019), defined once in
-minimask/experiments.py: list them, print their commands (a dry run), run them here one after another, collect
+minimask/tools/experiments.py: list them, print their commands (a dry run), run them here one after another, collect
 their figures and tables.
 
     python experiments.py list
@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from minimask import collect as co
-from minimask import experiments as ex
+from minimask.tools import collect as co
+from minimask.tools import experiments as ex
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ there is no evaluation). The backbone (depth, groups, width, norm, stride placem
 come from the detector preset --config (plus model.* overrides), so that the detector built from the same preset
 loads the weights strictly and sees its inputs normalised the same way. SGD with momentum 0.9, weight decay 1e-4
 (none on norm parameters), LR 0.1 per 256 images scaled linearly (Goyal et al. 2017), linear warm-up, x0.1 at 2/3
-and 8/9 of the run (minimask.solver.lr_steps). Augmentation: random resized crop + flip; evaluation: centre crop,
+and 8/9 of the run (minimask.engine.solver.lr_steps). Augmentation: random resized crop + flip; evaluation: centre crop,
 top-1 / top-5. Distributed as train.py (torchrun, gradients averaged by minimask.distributed). Outputs in
 --output: metrics.jsonl, model_<iter>.pth (resumable with --resume) and model_final.pth, whose "pretrain" entry
 records what the equal-compute accounting needs (iterations, batch size, images seen, image size, backbone).
@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import minimask
-from minimask.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
-from minimask.classification import BACKBONE_KEYS, PIXEL_KEYS, ImageFolder, build_classifier, evaluate, topk_correct
+from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
+from minimask.tools.classification import BACKBONE_KEYS, PIXEL_KEYS, ImageFolder, build_classifier, evaluate, topk_correct
 from minimask.config import PRESETS, apply_override
 from minimask.data.samplers import build_train_loader, consumed_samples
 from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
 from minimask.engine import loop
 from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
-from minimask.solver import build_optimizer, lr_at, lr_steps, scaled_lr
+from minimask.engine.solver import build_optimizer, lr_at, lr_steps, scaled_lr
 
 EXIT_USAGE = loop.EXIT_USAGE
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1  # ImageNet ResNet recipe (He et al. 2016; Goyal et al. 2017)

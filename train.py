@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import minimask
-from minimask.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint, stream_changes
+from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint, stream_changes
 from minimask.config import PRESETS, apply_override, to_dict
 from minimask.data import (CocoDetection, IndexSubset, build_test_loader, build_train_loader, build_transforms,
                            subset_indices)
@@ -41,10 +41,10 @@ from minimask.distributed import GradientAllReduce, broadcast_parameters, init_d
 from minimask.engine import loop
 from minimask.engine.precise_bn import bn_statistics, recompute_bn_stats
 from minimask.evaluation import evaluate_coco, gather_results, inference
-from minimask.run_log import plot_metrics
+from minimask.engine.run_log import plot_metrics
 from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
-from minimask.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
-from minimask.visualize import save_visualizations
+from minimask.engine.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
+from minimask.tools.visualize import save_visualizations
 from minimask.weight_files import read_weights
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
                               load_initial_weights)

@@ -1,5 +1,5 @@
 """Draw a minimask model's detections (boxes, labels, scores, masks, keypoint skeletons) on images and write PNGs
-(minimask/visualize.py does the drawing).
+(minimask/tools/visualize.py does the drawing).
 
     python visualize.py --weights model_final.pth --images a.jpg b.png --output vis/
     python visualize.py --weights model_final.pth --data synthetic --split val --num 8 --output vis/
@@ -51,7 +51,7 @@ def _probability(text: str) -> float:
 
 def prepare(args) -> dict:
     """Model, dataset and device, validated before any inference (UsageError / ValueError / OSError)."""
-    from minimask.checkpoint import CheckpointError
+    from minimask.engine.checkpoint import CheckpointError
     from minimask.data.transforms import build_transforms
     from minimask.model_zoo import read_checkpoint
 
@@ -84,7 +84,7 @@ def prepare(args) -> dict:
 
 def _category_names(path: str) -> list[str] | None:
     """The class names a minimask training checkpoint carries in its label map (other files have none)."""
-    from minimask.checkpoint import CheckpointError, load_checkpoint
+    from minimask.engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
         raw = load_checkpoint(path)
@@ -135,7 +135,7 @@ def load_split(data: str, split: str, transforms, keypoints: bool):
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0, or 2 for bad input)."""
-    from minimask.visualize import save_visualizations
+    from minimask.tools.visualize import save_visualizations
 
     try:
         args = build_parser().parse_args(argv)

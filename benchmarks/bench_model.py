@@ -106,7 +106,7 @@ def timed(fn, device, warmup, runs):
 
 class StageTimer:
     """Seconds spent per stage, by forward hooks on the model's parts and by wrapping the post-processing functions
-    where `minimask.roi_heads` calls them. Stages do not overlap; time outside all of them is "other" (input
+    where `minimask.model.roi_heads` calls them. Stages do not overlap; time outside all of them is "other" (input
     normalisation and padding, proposal sampling, target building, loss functions)."""
 
     MODULES = {"backbone": "backbone+fpn", "fpn": "backbone+fpn", "rpn": "rpn", "box_head": "box_head",
@@ -117,7 +117,7 @@ class StageTimer:
                  "heatmaps_to_keypoints": "postprocess_keypoints"}
 
     def __init__(self, model, device):
-        from minimask import roi_heads
+        from minimask.model import roi_heads
         self.device, self.seconds, self._start = device, {}, None
         self._patched = []
         for name, stage in self.MODULES.items():

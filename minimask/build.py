@@ -5,16 +5,16 @@ reading it top to bottom shows the whole model of a preset.
 """
 import torch
 
-from minimask.box_head import BoxPredictor, ConvFCHead
-from minimask.cascade import CascadeRoIHeads
+from minimask.model.box_head import BoxPredictor, ConvFCHead
+from minimask.model.cascade import CascadeRoIHeads
 from minimask.config import Config, ModelConfig
-from minimask.fpn import FPN
-from minimask.keypoint_head import KeypointHead
-from minimask.mask_head import MaskHead
-from minimask.mask_rcnn import MaskRCNN
-from minimask.resnet import ResNet
-from minimask.roi_heads import RoIHeads
-from minimask.rpn import RPN
+from minimask.model.fpn import FPN
+from minimask.model.keypoint_head import KeypointHead
+from minimask.model.mask_head import MaskHead
+from minimask.model.mask_rcnn import MaskRCNN
+from minimask.model.resnet import ResNet
+from minimask.model.roi_heads import RoIHeads
+from minimask.model.rpn import RPN
 from minimask.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 
 FEATURE_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)  # P2..P5, pooled by the RoI heads

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from minimask.build import build_model
-from minimask.checkpoint import load_checkpoint
+from minimask.engine.checkpoint import load_checkpoint
 from minimask.config import Config, apply_override, get_config
 from minimask.detectron2_format import candidate_presets, convert_detectron2_detection, is_detectron2_detection
 from minimask.detectron2_format import num_classes as d2_num_classes
-from minimask.mask_rcnn import MaskRCNN
+from minimask.model.mask_rcnn import MaskRCNN
 from minimask.weight_files import read_weights
 
 TORCHVISION_PRESETS = ("torchvision_maskrcnn_r50_fpn", "torchvision_maskrcnn_r50_fpn_v2",

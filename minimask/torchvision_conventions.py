@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimask.anchors import multilevel_anchors
-from minimask.box_head import fast_rcnn_inference
+from minimask.model.anchors import multilevel_anchors
+from minimask.model.box_head import fast_rcnn_inference
 from minimask.distributed import global_normalizer
-from minimask.keypoint_head import heatmaps_to_keypoints
-from minimask.mask_head import check_paste_inputs, mask_targets
-from minimask.roi_heads import RoIHeads, RoISamples
-from minimask.rpn import RPN, find_top_proposals
+from minimask.model.keypoint_head import heatmaps_to_keypoints
+from minimask.model.mask_head import check_paste_inputs, mask_targets
+from minimask.model.roi_heads import RoIHeads, RoISamples
+from minimask.model.rpn import RPN, find_top_proposals
 
 MIN_BOX_SIZE = 1e-2  # torchvision `RoIHeads.postprocess_detections`: `box_ops.remove_small_boxes(boxes, 1e-2)`
 

@@ -1,6 +1,6 @@
 """Reading weight files safely: they are often downloaded from strangers, and pickles can run code.
 
-`read_weights(path) -> (state, fmt)`: .pth / zip files go through `minimask.checkpoint.load_checkpoint`
+`read_weights(path) -> (state, fmt)`: .pth / zip files go through `minimask.engine.checkpoint.load_checkpoint`
 (`torch.load(weights_only=True)`, CRC-checked); Detectron / detectron2 pickles (Python-2 era, latin-1) through
 `_RestrictedUnpickler`, which admits numpy arrays and plain containers only, so a crafted file is refused before
 anything runs. The state is unwrapped ({"model"}, {"blobs"}, {"state_dict"}), arrays become tensors, and the
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimask.checkpoint import CheckpointError, load_checkpoint
+from minimask.engine.checkpoint import CheckpointError, load_checkpoint
 
 FORMATS = ("torchvision", "caffe2", "minimask")
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a pre-1.6 (non-zip) torch.save file

@@ -23,8 +23,8 @@ import re
 import torch
 from torch import nn
 
-from minimask.norm import FrozenBatchNorm2d
-from minimask.resnet import rename_torchvision_keys
+from minimask.model.norm import FrozenBatchNorm2d
+from minimask.model.resnet import rename_torchvision_keys
 from minimask.weight_files import FORMATS, read_weights
 
 _BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weights with running statistics

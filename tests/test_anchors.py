@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minimask.anchors import cell_anchors, grid_anchors, level_anchors, multilevel_anchors
+from minimask.model.anchors import cell_anchors, grid_anchors, level_anchors, multilevel_anchors
 
 A = 16 * math.sqrt(2.0)  # half the long side of a size-32 anchor with ratio 0.5 or 2: sqrt(32^2 * 2) / 2
 B = 8 * math.sqrt(2.0)  # half its short side: sqrt(32^2 / 2) / 2

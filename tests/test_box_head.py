@@ -1,11 +1,11 @@
-"""Tests for minimask/box_head.py: head shapes and init, Fast R-CNN losses, and inference post-processing."""
+"""Tests for minimask/model/box_head.py: head shapes and init, Fast R-CNN losses, and inference post-processing."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from minimask.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference, fast_rcnn_losses
+from minimask.model.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference, fast_rcnn_losses
 from minimask.ops.boxes import clip_boxes_to_image, nms
 
 

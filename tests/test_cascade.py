@@ -1,11 +1,11 @@
-"""Tests for minimask/cascade.py: Cascade R-CNN heads in train and eval mode, score averaging, gradient scaling."""
+"""Tests for minimask/model/cascade.py: Cascade R-CNN heads in train and eval mode, score averaging, gradient scaling."""
 import pytest
 import torch
 
-import minimask.cascade as cascade_module
-from minimask.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference
-from minimask.cascade import CascadeRoIHeads, _ScaleGradient, next_stage_boxes
-from minimask.mask_head import MaskHead
+import minimask.model.cascade as cascade_module
+from minimask.model.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference
+from minimask.model.cascade import CascadeRoIHeads, _ScaleGradient, next_stage_boxes
+from minimask.model.mask_head import MaskHead
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image
 from test_roi_heads import make_target, random_boxes  # the same toy proposals and targets

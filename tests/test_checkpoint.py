@@ -1,4 +1,4 @@
-"""Tests for minimask.checkpoint: atomic save, safe load, resume discovery, pruning, RNG state."""
+"""Tests for minimask.engine.checkpoint: atomic save, safe load, resume discovery, pruning, RNG state."""
 import os
 import pickle
 import random
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from minimask.checkpoint import (
+from minimask.engine.checkpoint import (
     FINAL_CHECKPOINT, CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, load_latest,
     prune_checkpoints, rng_state, save_checkpoint, set_rng_state,
 )
@@ -112,7 +112,7 @@ def test_process_killed_mid_write(tmp_path):
     # A child process overwrites the checkpoint and is SIGKILLed after writing part of the data: no cleanup runs.
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from minimask.checkpoint import save_checkpoint
+        from minimask.engine.checkpoint import save_checkpoint
         def dying_save(obj, f, *a, **k):
             f.write(b"PK\\x03\\x04" + b"\\x00" * 4096)
             f.flush()
@@ -281,7 +281,7 @@ def test_saved_file_has_default_permissions(tmp_path):
 
 
 def test_stream_changes_names_each_field_that_breaks_exact_resumption():
-    from minimask.checkpoint import stream_changes
+    from minimask.engine.checkpoint import stream_changes
 
     config = {"seed": 0, "data": {"train": "synthetic", "train_subset": 0}, "solver": {"batch_size": 16,
                                                                                          "max_iter": 90000}}

@@ -109,7 +109,7 @@ def test_polygons_flow_through_the_transforms_to_the_mask_head(coco_mini, monkey
     """Loader -> resize and flip -> the mask head: the targets of a polygon image come from the polygons (rasterised
     in each RoI), with mask_format="bitmask" from bitmaps, and both train."""
     import minimask
-    import minimask.roi_heads as roi_heads
+    import minimask.model.roi_heads as roi_heads
     from minimask.data import build_transforms
 
     calls = []

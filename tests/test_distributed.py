@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import minimask
 from minimask import distributed as D
-from minimask.box_head import fast_rcnn_losses
+from minimask.model.box_head import fast_rcnn_losses
 
 SAMPLE_ALL = ["model.rpn.batch_size_per_image=100000", "model.roi_heads.batch_size_per_image=100000"]
 SYNCBN = ["model.backbone.norm=SyncBN", "model.fpn.norm=SyncBN", "model.box_head.norm=SyncBN",

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 import minimask  # noqa: E402
 import train  # noqa: E402
-from minimask.checkpoint import load_checkpoint  # noqa: E402
+from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 from minimask.data.coco import CocoDetection, ImageLoadError, load_image  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
 from minimask.data.transforms import build_transforms  # noqa: E402
@@ -381,7 +381,7 @@ def test_read_only_output_folder_is_refused_before_training(synthetic_root, tmp_
 
 def _inject_at_call(monkeypatch, call, inject):
     """Wrap MaskRCNN.forward: on the `call`-th training forward, `inject(model, losses)`."""
-    from minimask.mask_rcnn import MaskRCNN
+    from minimask.model.mask_rcnn import MaskRCNN
 
     original, calls = MaskRCNN.forward, []
 
@@ -476,7 +476,7 @@ _FAULT_ENTRY = textwrap.dedent("""
     import torch
     import train
     import minimask.data.coco as coco
-    from minimask.mask_rcnn import MaskRCNN
+    from minimask.model.mask_rcnn import MaskRCNN
 
     fault, at = os.environ["FAULT"], int(os.environ["FAULT_AT"])
     mine = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")

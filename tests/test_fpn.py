@@ -1,4 +1,4 @@
-"""Tests for minimask.fpn: shapes/strides, P6, norm/bias layout, init, the top-down wiring (by hand) and the
+"""Tests for minimask.model.fpn: shapes/strides, P6, norm/bias layout, init, the top-down wiring (by hand) and the
 size contract."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from minimask.fpn import FPN
-from minimask.resnet import ResNet
+from minimask.model.fpn import FPN
+from minimask.model.resnet import ResNet
 
 
 def _features(batch, channels, size):

@@ -1,4 +1,4 @@
-"""Tests for minimask.keypoint_head: the head, heatmap targets, the loss and heatmap decoding."""
+"""Tests for minimask.model.keypoint_head: the head, heatmap targets, the loss and heatmap decoding."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimask.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
+from minimask.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 
 
 # ----------------------------------------------------------------------------------------------------------- head

@@ -1,4 +1,4 @@
-"""Tests for minimask.mask_head: the head, bitmap and polygon targets, the loss and the paste into the image."""
+"""Tests for minimask.model.mask_head: the head, bitmap and polygon targets, the loss and the paste into the image."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from pycocotools import mask as mask_util
 from torch import nn
 
-from minimask.mask_head import MaskHead, mask_loss, mask_targets, paste_masks, polygon_mask_targets
+from minimask.model.mask_head import MaskHead, mask_loss, mask_targets, paste_masks, polygon_mask_targets
 
 
 # ----------------------------------------------------------------------------------------------------------- head

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from minimask import build_model, get_config
-from minimask.anchors import cell_anchors, grid_anchors
-from minimask.box_head import fast_rcnn_inference
-from minimask.checkpoint import save_checkpoint
+from minimask.model.anchors import cell_anchors, grid_anchors
+from minimask.model.box_head import fast_rcnn_inference
+from minimask.engine.checkpoint import save_checkpoint
 from minimask.config import to_dict
-from minimask.keypoint_head import heatmaps_to_keypoints
+from minimask.model.keypoint_head import heatmaps_to_keypoints
 from minimask.model_zoo import config_from_dict, convert_torchvision_detection, from_checkpoint
-from minimask.rpn import RPN, rpn_losses
+from minimask.model.rpn import RPN, rpn_losses
 from minimask.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN, paste_masks_legacy
 
 PRESETS = {"v1": "torchvision_maskrcnn_r50_fpn", "v2": "torchvision_maskrcnn_r50_fpn_v2",
@@ -86,8 +86,8 @@ def test_rpn_loss_normalised_by_sampled_anchors():
 
 
 def test_freeze_norms_false_keeps_batchnorm_but_stops_gradients():
-    from minimask.norm import FrozenBatchNorm2d
-    from minimask.resnet import ResNet
+    from minimask.model.norm import FrozenBatchNorm2d
+    from minimask.model.resnet import ResNet
 
     net = ResNet(depth=18, norm="BN", freeze_at=2, freeze_norms=False)  # torchvision v2: BN in frozen stages
     assert type(net.norm1) is torch.nn.BatchNorm2d and not net.norm1.weight.requires_grad

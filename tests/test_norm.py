@@ -1,4 +1,4 @@
-"""Tests for minimask.norm: FrozenBatchNorm2d, SyncBatchNorm (single process and two gloo processes), get_norm;
+"""Tests for minimask.model.norm: FrozenBatchNorm2d, SyncBatchNorm (single process and two gloo processes), get_norm;
 and precise BN (minimask.engine.precise_bn.recompute_bn_stats), which shares their BatchNorm and gloo helpers."""
 import multiprocessing
 import os
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from minimask.engine.precise_bn import recompute_bn_stats
-from minimask.norm import FrozenBatchNorm2d, SyncBatchNorm, get_norm
+from minimask.model.norm import FrozenBatchNorm2d, SyncBatchNorm, get_norm
 
 
 def _random_bn(bn: nn.BatchNorm2d, dtype=torch.float32) -> nn.BatchNorm2d:

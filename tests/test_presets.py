@@ -1,7 +1,7 @@
 """Presets against the detectron2 config files they follow (minimask.config.PRESET_SOURCES).
 
 Each preset's effective training settings - the learning rate train.py actually uses at the preset's batch
-(`minimask.solver.training_lr`), the schedule, warm-up, input sizes and scale jitter, sampling sizes, loss types -
+(`minimask.engine.solver.training_lr`), the schedule, warm-up, input sizes and scale jitter, sampling sizes, loss types -
 are written in detectron2's terms and compared with the values its config file resolves to. Those values are
 written out below, file by file, following each file's `_BASE_` chain down to detectron2's `config/defaults.py`;
 where detectron2 is installed, `get_cfg()` + `merge_from_file` must give the same values. The only differences
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from minimask.config import PRESET_DEVIATIONS, PRESET_SOURCES, PRESETS, get_config
-from minimask.solver import training_lr
+from minimask.engine.solver import training_lr
 
 # detectron2 config/defaults.py, for the keys compared here.
 D2_DEFAULTS = {
@@ -133,7 +133,7 @@ def training_settings(preset: str) -> dict:
         "lr": training_lr(s.lr, s.base_lr, s.batch_size),  # what train.py uses
         "batch": s.batch_size, "max_iter": s.max_iter, "steps": tuple(s.steps), "gamma": s.gamma,
         "warmup_iters": s.warmup_iters, "warmup_factor": s.warmup_factor,
-        "warmup_method": "linear",  # minimask.solver.lr_at
+        "warmup_method": "linear",  # minimask.engine.solver.lr_at
         "momentum": s.momentum, "weight_decay": s.weight_decay, "weight_decay_norm": s.weight_decay_norm,
         "clip_gradients": s.clip_grad_norm > 0, "amp": s.amp, "precise_bn_iters": s.precise_bn_iters,
         "min_size_train": tuple(i.min_size_train), "size_sampling": "choice",  # minimask.data.transforms.Resize
@@ -154,7 +154,7 @@ def training_settings(preset: str) -> dict:
     if m.keypoint_head.enabled:
         out |= {"keypoint_loss_weight": m.keypoint_head.loss_weight,
                 "min_keypoints_per_image": cfg.data.min_keypoints_per_image,
-                "keypoint_loss_by_visible": True}  # minimask.keypoint_head.keypoint_loss
+                "keypoint_loss_by_visible": True}  # minimask.model.keypoint_head.keypoint_loss
     if m.cascade.enabled:
         out |= {"cascade_ious": tuple(m.cascade.ious)}
     return out

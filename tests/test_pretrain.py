@@ -1,4 +1,4 @@
-"""pretrain.py and minimask.classification: the image-folder set, top-k accuracy, a few iterations of pre-training
+"""pretrain.py and minimask.tools.classification: the image-folder set, top-k accuracy, a few iterations of pre-training
 the `tiny` backbone on a generated image-folder set, and the detector loading the result with zero missing keys."""
 import json
 import sys
@@ -12,7 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pretrain  # noqa: E402
 import minimask  # noqa: E402
-from minimask.classification import (Classifier, ImageFolder, build_crop_folder, center_crop,  # noqa: E402
+from minimask.tools.classification import (Classifier, ImageFolder, build_crop_folder, center_crop,  # noqa: E402
                                      random_resized_crop, read_pretrain_info, topk_correct)
 from minimask.weight_files import read_weights  # noqa: E402
 from minimask.weights import apply_imagenet_conventions, imagenet_conventions, load_initial_weights  # noqa: E402

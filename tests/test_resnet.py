@@ -1,4 +1,4 @@
-"""Tests for minimask.resnet: shapes/strides, published parameter counts, torchvision weight import, stride
+"""Tests for minimask.model.resnet: shapes/strides, published parameter counts, torchvision weight import, stride
 placement, freezing, scratch init and argument validation."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from minimask.norm import FrozenBatchNorm2d
-from minimask.resnet import ResNet, rename_torchvision_keys
+from minimask.model.norm import FrozenBatchNorm2d
+from minimask.model.resnet import ResNet, rename_torchvision_keys
 
 ALL = ("stem", "res2", "res3", "res4", "res5")
 

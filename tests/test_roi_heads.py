@@ -1,14 +1,14 @@
-"""Tests for minimask/roi_heads.py: proposal sampling and selection helpers, and RoIHeads in train and eval mode."""
+"""Tests for minimask/model/roi_heads.py: proposal sampling and selection helpers, and RoIHeads in train and eval mode."""
 import pytest
 import torch
 
-from minimask.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference, fast_rcnn_losses
-from minimask.keypoint_head import KeypointHead
-from minimask.mask_head import MaskHead, paste_masks
+from minimask.model.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference, fast_rcnn_losses
+from minimask.model.keypoint_head import KeypointHead
+from minimask.model.mask_head import MaskHead, paste_masks
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import box_iou
 from minimask.ops.poolers import multiscale_roi_align
-from minimask.roi_heads import (RoIHeads, RoISamples, box_regression_targets, label_boxes, sample_proposals,
+from minimask.model.roi_heads import (RoIHeads, RoISamples, box_regression_targets, label_boxes, sample_proposals,
                                 select_foreground, with_visible_keypoints)
 
 NUM_CLASSES, CHANNELS = 3, 64

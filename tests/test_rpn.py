@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from minimask.anchors import multilevel_anchors
+from minimask.model.anchors import multilevel_anchors
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image, nms
-from minimask.rpn import RPN, RPNHead, find_top_proposals, label_anchors, rpn_losses
+from minimask.model.rpn import RPN, RPNHead, find_top_proposals, label_anchors, rpn_losses
 
 STRIDES = (4, 8, 16, 32, 64)
 

@@ -1,10 +1,10 @@
-"""Tests for minimask.solver: LR schedule (hand-computed values), optimizer groups, gradient clipping."""
+"""Tests for minimask.engine.solver: LR schedule (hand-computed values), optimizer groups, gradient clipping."""
 import pytest
 import torch
 from torch import nn
 
-from minimask.norm import FrozenBatchNorm2d, SyncBatchNorm
-from minimask.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.model.norm import FrozenBatchNorm2d, SyncBatchNorm
+from minimask.engine.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
 
 BASE = 0.02
 

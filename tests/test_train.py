@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from minimask.checkpoint import load_checkpoint  # noqa: E402
+from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
 
 FAST = ["solver.log_period=1", "model.rpn.post_nms_topk_test=20", "model.roi_heads.detections_per_image=10",
@@ -104,7 +104,7 @@ def test_rerun_without_resume_refuses_to_overwrite(synthetic_root, tmp_path, cap
 
 def _patch_forward(monkeypatch, on_call):
     """Wrap MaskRCNN.forward so that `on_call(n, losses)` sees (and may change) the n-th training call's losses."""
-    from minimask.mask_rcnn import MaskRCNN
+    from minimask.model.mask_rcnn import MaskRCNN
 
     original, calls = MaskRCNN.forward, []
 
@@ -175,7 +175,7 @@ def test_bad_input_is_one_line_and_exit_code_2(synthetic_root, tmp_path, capsys,
 
 
 def test_precedence_preset_then_flags_then_overrides():
-    from minimask.solver import lr_steps
+    from minimask.engine.solver import lr_steps
 
     def resolve(argv):
         return train.resolve_config(train.build_parser().parse_intermixed_args(argv))
@@ -196,7 +196,7 @@ def test_imagenet_init_takes_the_weights_conventions_and_reports_what_trains(syn
     BGR and GN are not pinned), the backbone is loaded strictly, and the trainable parameters are reported."""
     import re
 
-    from minimask.resnet import ResNet
+    from minimask.model.resnet import ResNet
 
     source = ResNet(depth=18, norm="BN").state_dict()
     torch.save({re.sub(r"(^|\.)norm(\d)", r"\1bn\2", k): v for k, v in source.items()}, tmp_path / "r18.pth")
@@ -254,7 +254,7 @@ def test_two_process_gloo_run(synthetic_root, tmp_path):
 
 def test_demo_preset_is_a_small_synthetic_run():
     import minimask
-    from minimask.solver import lr_steps
+    from minimask.engine.solver import lr_steps
 
     cfg = minimask.get_config("demo")
     assert cfg.data.train == "synthetic" and cfg.model.backbone.depth == 18 and cfg.model.fpn.out_channels == 64

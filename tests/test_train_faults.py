@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from minimask.checkpoint import load_checkpoint  # noqa: E402
+from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
 
 TRAIN = REPO / "train.py"

@@ -257,7 +257,7 @@ def test_polygon_targets_after_transforms_agree_with_bitmap_targets():
     import numpy as np
     from pycocotools import mask as mask_utils
 
-    from minimask.mask_head import mask_targets, polygon_mask_targets
+    from minimask.model.mask_head import mask_targets, polygon_mask_targets
 
     h, w = 60, 80
     polygons = [[[10.0, 8.0, 50.0, 12.0, 30.0, 50.0]], [[40.0, 20.0, 75.0, 20.0, 75.0, 55.0, 40.0, 55.0],

@@ -1,4 +1,4 @@
-"""Tests for minimask/visualize.py (drawing detections) and the visualize.py command line."""
+"""Tests for minimask/tools/visualize.py (drawing detections) and the visualize.py command line."""
 import numpy as np
 import pytest
 import torch
@@ -6,9 +6,9 @@ from PIL import Image
 
 import minimask
 import visualize
-from minimask.checkpoint import save_checkpoint
+from minimask.engine.checkpoint import save_checkpoint
 from minimask.config import to_dict
-from minimask.visualize import COCO_SKELETON, draw_detections, save_visualizations
+from minimask.tools.visualize import COCO_SKELETON, draw_detections, save_visualizations
 
 
 def _gray(h=64, w=96):
@@ -102,7 +102,7 @@ def _tiny_checkpoint(path, cfg=None):
     cfg = cfg or minimask.get_config("tiny")
     model = minimask.build_model(cfg)
     names = [f"class{k}" for k in range(1, cfg.model.roi_heads.num_classes + 1)]
-    # The layout train.py writes (minimask/checkpoint.py: save_checkpoint); only these keys matter here.
+    # The layout train.py writes (minimask/engine/checkpoint.py: save_checkpoint); only these keys matter here.
     save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "iteration": 0,
                            "label_map": {"category_ids": list(range(1, len(names) + 1)), "category_names": names}})
     return model
@@ -189,5 +189,5 @@ def test_save_visualizations_writes_named_pngs_and_restores_train_mode(tmp_path)
     assert model.training
     with Image.open(paths[1]) as im:
         assert im.size == (64, 64)
-    from minimask.visualize import class_names_for
+    from minimask.tools.visualize import class_names_for
     assert class_names_for(model, _TinyDataset()) == ["twelve", "eleven"]  # through the model's label map

@@ -17,8 +17,8 @@ import torch
 
 import minimask
 from minimask.config import get_config
-from minimask.norm import FrozenBatchNorm2d
-from minimask.resnet import ResNet
+from minimask.model.norm import FrozenBatchNorm2d
+from minimask.model.resnet import ResNet
 from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
                               load_imagenet_backbone, load_initial_weights)
 from minimask.weight_files import read_weights

@@ -21,7 +21,7 @@ loading conventions (`data/datasets/coco.py`, `data/detection_utils.py`):
   once on logger "minimask.data".
 - Masks: where every instance of an image is given as polygons (COCO's usual form) and `mask_format="polygon"`
   (detectron2's INPUT.MASK_FORMAT default), the target carries the `polygons` themselves and no bitmap is decoded:
-  the mask head rasterises them inside each RoI (`minimask.mask_head.polygon_mask_targets`). RLE instances, an image
+  the mask head rasterises them inside each RoI (`minimask.model.mask_head.polygon_mask_targets`). RLE instances, an image
   that mixes RLE with polygons, and `mask_format="bitmask"` give full-image bitmaps (`masks`) for all its instances.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ training shorter side from [640, 800]. detectron2 (D2) implements this as
   ~640 -> 800) is the same filter up to uint8 rounding.
 - Masks are resized as coverage: bilinear with antialiasing (same pixel-centre convention as the image), giving
   float16 values in [0, 1], the fraction of each output pixel the object covers. The mask targets (RoIAlign of these,
-  then >= 0.5, `minimask.mask_head.mask_targets`) then stay close to the true masks when the image is shrunk: on the
+  then >= 0.5, `minimask.model.mask_head.mask_targets`) then stay close to the true masks when the image is shrunk: on the
   synthetic set at 0.55x, the 28 x 28 targets of persons overlap those of the original masks with IoU 0.89 against
   0.81 for a binary nearest-neighbour resize (ring 0.97 against 0.91). D2 resizes bitmask annotations with nearest
   neighbour (its polygon annotations are rasterised in the box and do not depend on the image scale at all).

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimask.norm import FrozenBatchNorm2d, get_norm
-from minimask.weight_init import c2_msra_fill
+from minimask.model.norm import FrozenBatchNorm2d, get_norm
+from minimask.model.weight_init import c2_msra_fill
 
 # Blocks per stage res2..res5, and whether the depth uses Bottleneck blocks.
 _DEPTHS = {

@@ -31,7 +31,7 @@ from torch import nn
 from minimask.data.coco import load_image
 from minimask.data.samplers import build_test_loader
 from minimask.distributed import all_reduce_sum
-from minimask.resnet import ResNet
+from minimask.model.resnet import ResNet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 BACKBONE_KEYS = ("depth", "groups", "width_per_group", "norm", "stride_in_1x1")
@@ -242,7 +242,7 @@ def evaluate(model: nn.Module, dataset, *, device, rank: int = 0, world_size: in
 
 def read_pretrain_info(path) -> dict | None:
     """The "pretrain" metadata of a `pretrain.py` checkpoint (None for any other weights file or a missing one)."""
-    from minimask.checkpoint import CheckpointError, load_checkpoint
+    from minimask.engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
         state = load_checkpoint(str(path))

@@ -4,12 +4,12 @@ pre-trained in two colours, the LR drops marked (as in its Fig. 1), the same aga
 counted (its Fig. 2 counts the images seen in pre-training and fine-tuning), and a Markdown table of the final
 box / mask / keypoint AP.
 
-A run folder is train.py's --output: metrics.jsonl (`minimask.run_log`), config.json, and experiment.json, written by
-`minimask.experiments.run_grid` (init, schedule, LR drops, --weights). A run without experiment.json is shown with
+A run folder is train.py's --output: metrics.jsonl (`minimask.engine.run_log`), config.json, and experiment.json, written by
+`minimask.tools.experiments.run_grid` (init, schedule, LR drops, --weights). A run without experiment.json is shown with
 init "unknown" from its config.json. When a run's --weights is a pretrain.py checkpoint, its "pretrain" metadata
-(`minimask.classification.read_pretrain_info`) gives the pre-training iterations, batch size and images seen.
+(`minimask.tools.classification.read_pretrain_info`) gives the pre-training iterations, batch size and images seen.
 
-    from minimask.collect import collect, find_runs
+    from minimask.tools.collect import collect, find_runs
     collect(find_runs(["runs/mini"]), "runs/mini/report")   # ap.png, ap_equal_compute.png, table.md, summary.json
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ def find_runs(paths) -> list[Path]:
 def load_run(path) -> RunResult:
     """Read metrics.jsonl, config.json and experiment.json (written by `run_grid`; else init is "unknown") of a run,
     and the pretrain.py metadata of its --weights file when there is one."""
-    from minimask.classification import read_pretrain_info
-    from minimask.run_log import read_metrics
+    from minimask.tools.classification import read_pretrain_info
+    from minimask.engine.run_log import read_metrics
 
     path = Path(path)
     if not (path / "metrics.jsonl").is_file():

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
 from minimask.ops.boxes import check_boxes
-from minimask.weight_init import c2_msra_fill
+from minimask.model.weight_init import c2_msra_fill
 
 
 class KeypointHead(nn.Module):

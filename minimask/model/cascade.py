@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from minimask.box_head import fast_rcnn_losses
+from minimask.model.box_head import fast_rcnn_losses
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image
-from minimask.roi_heads import RoIHeads, RoISamples, box_regression_targets, boxes_per_class, label_boxes
+from minimask.model.roi_heads import RoIHeads, RoISamples, box_regression_targets, boxes_per_class, label_boxes
 
 
 class _ScaleGradient(torch.autograd.Function):

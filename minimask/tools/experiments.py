@@ -2,8 +2,8 @@
 that run them, and the collector that draws the paper-style figures and tables from the runs' metrics.jsonl.
 
 - A `Grid` is a named list of detector runs (`Run`: preset, init, iterations, batch, subset, overrides), optionally
-  with `pretrain.py` jobs (`Pretrain`) and data-preparation steps. Iterations come from `minimask.solver.SCHEDULES`
-  (1x = 90k at batch 16) and the LR drops from `minimask.solver.lr_steps` (the last 60k and 20k iterations for
+  with `pretrain.py` jobs (`Pretrain`) and data-preparation steps. Iterations come from `minimask.engine.solver.SCHEDULES`
+  (1x = 90k at batch 16) and the LR drops from `minimask.engine.solver.lr_steps` (the last 60k and 20k iterations for
   >= 2x, Sec. 4 of the paper), exactly what train.py uses.
 - The paper grids (`PAPER_GRIDS`): R50-FPN GN and SyncBN, random init vs ImageNet, 2x-6x (Fig. 1); R101;
   train-time scale augmentation 640-800 with random init 9x / pre-trained 6x, Cascade, X152 (the enhanced
@@ -12,11 +12,11 @@ that run them, and the collector that draws the paper-style figures and tables f
   Fig. 1 are not cited for the same reason.
 - `commands(grid, ...)`: the train.py / pretrain.py command lines for a local shell, torchrun or SLURM.
 - `prepare`, `run_grid`: build the data the CPU grids read, run the jobs one after another, and collect the
-  figures and the table with `minimask.collect` (AP against iterations, random init vs pre-trained, the LR drops,
+  figures and the table with `minimask.tools.collect` (AP against iterations, random init vs pre-trained, the LR drops,
   the equal-compute view when a backbone came from pretrain.py).
 
 The miniature replication (`mini`) and the test grid (`tiny`) pre-train the tiny backbone on crops of the
-synthetic set (`minimask.classification.build_crop_folder`), then train the detector from random init and from it.
+synthetic set (`minimask.tools.classification.build_crop_folder`), then train the detector from random init and from it.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minimask.collect import EXPERIMENT_FILE, collect, find_runs
-from minimask.solver import SCHEDULES, lr_steps
+from minimask.tools.collect import EXPERIMENT_FILE, collect, find_runs
+from minimask.engine.solver import SCHEDULES, lr_steps
 
 SCALE_AUG = "input.min_size_train=(640, 672, 704, 736, 768, 800)"  # D2 Base-RCNN-FPN.yaml
 CASCADE = ["model.cascade.enabled=True", "model.box_head.class_agnostic=True", "model.rpn.post_nms_topk_train=2000"]
@@ -285,7 +285,7 @@ def experiment_record(grid: Grid, run: Run, *, root, data: str, weights_dir: str
 
 def shared_data_dir() -> Path | None:
     """$MINIMASK_SHARED_DATA, else a shared/data folder beside the repository (None if absent)."""
-    candidates = [os.environ.get("MINIMASK_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]
+    candidates = [os.environ.get("MINIMASK_SHARED_DATA"), Path(__file__).resolve().parents[3] / "shared" / "data"]
     for c in candidates:
         if c and Path(c).is_dir():
             return Path(c)
@@ -296,7 +296,7 @@ def prepare(grid: Grid, *, root, data: str = "synthetic") -> None:
     """Build what the grid's jobs read: the crop image folder ({root}/data/crops/{train,val}/<class>) and Penn-Fudan
     in the COCO layout train.py --data takes ({root}/data/pennfudan/annotations/instances_{train,val}.json and
     train/, val/ links to PNGImages/). Finished steps are skipped."""
-    from minimask.classification import CROP_MARKER, build_crop_folder
+    from minimask.tools.classification import CROP_MARKER, build_crop_folder
     from minimask.data.coco import dataset_splits
 
     root = Path(root)
@@ -341,7 +341,7 @@ def run_grid(grid: Grid, *, root, data: str = "synthetic", weights_dir: str = "w
     import sys
     import time
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     root = Path(root).resolve()
     if data not in ("synthetic", "{data}") and Path(data).exists():
         data = str(Path(data).resolve())

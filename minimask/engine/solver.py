@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from minimask.norm import SyncBatchNorm
+from minimask.model.norm import SyncBatchNorm
 
 # Schedule name -> max_iter at batch 16 (1x = 90k: detectron2 `configs/common/coco_schedule.py`).
 SCHEDULES = {"1x": 90_000, "2x": 180_000, "3x": 270_000, "6x": 540_000, "9x": 810_000}

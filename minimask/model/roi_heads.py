@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from minimask.box_head import fast_rcnn_inference, fast_rcnn_losses
-from minimask.keypoint_head import heatmaps_to_keypoints, keypoint_loss, keypoint_targets
-from minimask.mask_head import mask_loss, mask_targets, paste_masks, polygon_mask_targets
+from minimask.model.box_head import fast_rcnn_inference, fast_rcnn_losses
+from minimask.model.keypoint_head import heatmaps_to_keypoints, keypoint_loss, keypoint_targets
+from minimask.model.mask_head import mask_loss, mask_targets, paste_masks, polygon_mask_targets
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import box_iou
 from minimask.ops.matcher import match_boxes, sample_balanced

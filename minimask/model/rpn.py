@@ -6,7 +6,7 @@
                 loss_objectness = BCE over sampled, loss_rpn_box_reg = L1 over fg, both / (256 * #images)
       always:   per level top-k logits -> decode -> clip -> drop empty -> NMS 0.7 per level -> top-k per image
 
-Ordering contract: each level's anchors, logits and deltas are flattened in (H, W, A) order (`minimask.anchors`),
+Ordering contract: each level's anchors, logits and deltas are flattened in (H, W, A) order (`minimask.model.anchors`),
 and the levels are concatenated finest first, so index m means the same anchor in all three.
 Proposals are detached: no gradient flows from the RoI heads into the RPN through them (detectron2 convention).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimask.anchors import multilevel_anchors
+from minimask.model.anchors import multilevel_anchors
 from minimask.distributed import global_normalizer
 from minimask.ops.box_coder import box_regression_loss, decode, encode
 from minimask.ops.boxes import batched_nms, box_iou, clip_boxes_to_image

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimask.norm import get_norm
-from minimask.weight_init import c2_xavier_fill
+from minimask.model.norm import get_norm
+from minimask.model.weight_init import c2_xavier_fill
 
 _STRIDES = [4, 8, 16, 32, 64]  # P2..P6
 
