@@ -223,9 +223,9 @@ def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 def read_weights(path: str, cfg) -> dict:
     """The minimask state dict in `path`: a minimask checkpoint (a state dict, or {"model": state dict}) or a
-    torchvision detection checkpoint, converted (minimask.model_zoo); ValueError naming the file otherwise."""
+    torchvision detection checkpoint, converted (minimask.interop.model_zoo); ValueError naming the file otherwise."""
     from minimask.engine.checkpoint import CheckpointError
-    from minimask.model_zoo import read_checkpoint
+    from minimask.interop.model_zoo import read_checkpoint
 
     try:
         state, _ = read_checkpoint(path, config=cfg)

@@ -45,8 +45,8 @@ from minimask.engine.run_log import plot_metrics
 from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.engine.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
 from minimask.tools.visualize import save_visualizations
-from minimask.weight_files import read_weights
-from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
+from minimask.interop.weight_files import read_weights
+from minimask.interop.imagenet import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
                               load_initial_weights)
 
 EXIT_DIVERGED, EXIT_USAGE = loop.EXIT_DIVERGED, loop.EXIT_USAGE

@@ -6,7 +6,7 @@
     python visualize.py --weights maskrcnn_resnet50_fpn.pth --config torchvision_maskrcnn_r50_fpn --images a.jpg \
         --output vis/ --score-threshold 0.7 --device cuda
 
-The model comes from `minimask.model_zoo.read_checkpoint` (a minimask training checkpoint carries its config; --config
+The model comes from `minimask.interop.model_zoo.read_checkpoint` (a minimask training checkpoint carries its config; --config
 overrides it, and a bare state dict needs it). Images are resized as the model's test pipeline does (shorter side
 input.min_size_test, longer side at most input.max_size_test) and drawn at that size. --data takes "synthetic" or
 a COCO-layout root, as evaluate.py does; its first --num images are drawn. Bad input: one line on stderr, exit 2.
@@ -53,7 +53,7 @@ def prepare(args) -> dict:
     """Model, dataset and device, validated before any inference (UsageError / ValueError / OSError)."""
     from minimask.engine.checkpoint import CheckpointError
     from minimask.data.transforms import build_transforms
-    from minimask.model_zoo import read_checkpoint
+    from minimask.interop.model_zoo import read_checkpoint
 
     ensure_writable_dir(args.output)
     require_file(args.weights, "--weights")

@@ -5,7 +5,7 @@
 
 torchvision is needed here only, as the thing to compare against; minimask never imports it. Both models get the
 same weights (torchvision's random init, with a few classes' classifier biases raised so that every image yields
-the full 100 detections, and random frozen-BN statistics), converted with `minimask.model_zoo`, and the same image
+the full 100 detections, and random frozen-BN statistics), converted with `minimask.interop.model_zoo`, and the same image
 and targets. minimask's `torchvision_maskrcnn_r50_fpn` preset (or `..._v2`) reproduces torchvision's conventions,
 so both compute the same thing (tests/test_model_zoo.py checks that). Timings alternate between the models run by
 run, so that a slow phase of the machine hits both; the median of the timed runs is reported, and the ratio
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minimask  # noqa: E402
-from minimask.model_zoo import convert_torchvision_detection  # noqa: E402
+from minimask.interop.model_zoo import convert_torchvision_detection  # noqa: E402
 from bench_model import _cpu_name, peak_memory_mb, raise_class_scores, step_fns  # noqa: E402
 
 

@@ -6,6 +6,6 @@
 """
 from minimask.build import build_model
 from minimask.config import Config, get_config
-from minimask.model_zoo import from_checkpoint
+from minimask.interop.model_zoo import from_checkpoint
 
 __all__ = ["Config", "build_model", "from_checkpoint", "get_config"]

@@ -15,7 +15,7 @@ from minimask.model.mask_rcnn import MaskRCNN
 from minimask.model.resnet import ResNet
 from minimask.model.roi_heads import RoIHeads
 from minimask.model.rpn import RPN
-from minimask.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
+from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 
 FEATURE_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)  # P2..P5, pooled by the RoI heads
 

@@ -120,7 +120,7 @@ class ModelConfig:
     # Pixel convention the backbone expects. Images enter the model as RGB floats in [0, 1]; the model multiplies
     # by pixel_scale, reorders channels to input_format, then subtracts pixel_mean and divides by pixel_std (both
     # given in input_format order). From scratch any fixed normalisation works; D2's 9x scratch configs use
-    # BGR 0-255 with the MSRA mean and the ImageNet std. ImageNet init must match the weights (minimask/weights.py).
+    # BGR 0-255 with the MSRA mean and the ImageNet std. ImageNet init must match the weights (minimask/interop/imagenet.py).
     input_format: str = "BGR"
     pixel_scale: float = 255.0
     pixel_mean: tuple = (103.530, 116.280, 123.675)  # D2 PIXEL_MEAN
@@ -136,7 +136,7 @@ class ModelConfig:
     # after ~3 min of compiling (BENCHMARKS.md), so it pays on long runs with few distinct shapes.
     compile_backbone: bool = False
     # torchvision's arithmetic where it departs from detectron2's (anchors, RPN loss normaliser and ranking, small-box
-    # filter, soft mask targets, mask paste, keypoint scores): minimask/torchvision_conventions.py. For its checkpoints.
+    # filter, soft mask targets, mask paste, keypoint scores): minimask/interop/torchvision_conventions.py. For its checkpoints.
     torchvision_conventions: bool = False
 
 
@@ -266,7 +266,7 @@ _TORCHVISION_KEYPOINT = _TORCHVISION + [
     "input.min_size_train=(640, 672, 704, 736, 768, 800)",
 ]  # TV keypointrcnn_resnet50_fpn: person only, 17 keypoints
 
-# detectron2 model-zoo presets, named d2_<config file name> (minimask/detectron2_format.py loads their checkpoints).
+# detectron2 model-zoo presets, named d2_<config file name> (minimask/interop/detectron2_format.py loads their checkpoints).
 # Inference follows minimask's defaults (= D2); these set what each yaml changes: norms, pixel std (1 unless the
 # yaml sets the ImageNet std), stride_in_1x1, frozen stages, heads, and its multi-scale training sizes.
 _D2_SIZES = ["input.min_size_train=(640, 672, 704, 736, 768, 800)"]  # D2 Base-RCNN-FPN.yaml

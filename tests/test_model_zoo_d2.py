@@ -1,4 +1,4 @@
-"""minimask.detectron2_format: detectron2 model-zoo checkpoints in the d2_* presets, and their inference parity.
+"""minimask.interop.detectron2_format: detectron2 model-zoo checkpoints in the d2_* presets, and their inference parity.
 
 Without detectron2: state dicts with detectron2's key names and shapes (`d2_state`, written from detectron2's module
 layout; checked against real detectron2 models where it is installed) load into every d2_* preset with no missing
@@ -18,10 +18,10 @@ import torch
 
 from minimask import build_model, get_config
 from minimask.config import PRESETS
-from minimask.detectron2_format import COCO_CATEGORY_IDS, candidate_presets, convert_detectron2_detection
-from minimask.model_zoo import from_checkpoint, read_checkpoint
-from minimask.weight_files import read_weights
-from minimask.weights import imagenet_conventions, load_initial_weights
+from minimask.interop.detectron2_format import COCO_CATEGORY_IDS, candidate_presets, convert_detectron2_detection
+from minimask.interop.model_zoo import from_checkpoint, read_checkpoint
+from minimask.interop.weight_files import read_weights
+from minimask.interop.imagenet import imagenet_conventions, load_initial_weights
 
 # preset -> (depth, norm, box head, mask, keypoint, cascade), as in the detectron2 config file of the same name
 LAYOUTS = {

@@ -14,8 +14,8 @@ import pretrain  # noqa: E402
 import minimask  # noqa: E402
 from minimask.tools.classification import (Classifier, ImageFolder, build_crop_folder, center_crop,  # noqa: E402
                                      random_resized_crop, read_pretrain_info, topk_correct)
-from minimask.weight_files import read_weights  # noqa: E402
-from minimask.weights import apply_imagenet_conventions, imagenet_conventions, load_initial_weights  # noqa: E402
+from minimask.interop.weight_files import read_weights  # noqa: E402
+from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions, load_initial_weights  # noqa: E402
 
 
 def make_folder(root: Path, classes=("bar", "dot", "ring"), per_class=4, size=40, seed=0):

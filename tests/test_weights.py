@@ -1,8 +1,8 @@
-"""minimask.weights and minimask.weight_files: safe reading, ImageNet weights in torchvision / Caffe2 / minimask format,
+"""minimask.interop.imagenet and minimask.interop.weight_files: safe reading, ImageNet weights in torchvision / Caffe2 / minimask format,
 conventions, checks.
 
 Caffe2 files are built here from the naming facts (detectron2 `checkpoint/c2_model_loading.py`, Detectron.pytorch
-mappings), independently of minimask.weights' own mapping, with random values and small widths.
+mappings), independently of minimask.interop.imagenet' own mapping, with random values and small widths.
 """
 import collections
 import io
@@ -19,9 +19,9 @@ import minimask
 from minimask.config import get_config
 from minimask.model.norm import FrozenBatchNorm2d
 from minimask.model.resnet import ResNet
-from minimask.weights import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
+from minimask.interop.imagenet import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
                               load_imagenet_backbone, load_initial_weights)
-from minimask.weight_files import read_weights
+from minimask.interop.weight_files import read_weights
 
 BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 18: [2, 2, 2, 2]}
 

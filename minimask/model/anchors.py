@@ -51,7 +51,7 @@ def grid_anchors(cell: Tensor, feature_hw: tuple[int, int], stride, offset: floa
     """Replicate the cell anchors over an H x W feature map; cell (A, 4) -> (H * W * A, 4) in (H, W, A) order.
 
     `stride` is one number, or a pair (stride_y, stride_x) (torchvision derives a stride per axis from the padded
-    image size, see `minimask.torchvision_conventions.TorchvisionRPN`). Computed in float64 and returned in cell's
+    image size, see `minimask.interop.torchvision_conventions.TorchvisionRPN`). Computed in float64 and returned in cell's
     dtype on cell's device. H or W = 0 gives a (0, 4) tensor.
     """
     if cell.dim() != 2 or cell.shape[1] != 4:

@@ -15,7 +15,7 @@ SyncBN after each of the 4 convs (detectron2 `MaskRCNNConvUpsampleHead` with NOR
   mask"), averaged over all pixels of all foreground RoIs;
 - inference: the sigmoid of the predicted class's map is resampled into the image with `F.grid_sample`
   (`paste_masks_in_image`), which detectron2 reports is ~0.5 mask AP better than the legacy integer-box paste
-  (`minimask.torchvision_conventions.paste_masks_legacy`, kept to reproduce torchvision checkpoints, as are its soft
+  (`minimask.interop.torchvision_conventions.paste_masks_legacy`, kept to reproduce torchvision checkpoints, as are its soft
   targets: `mask_targets(aligned=False, binarize=False)`).
 
 Class convention (minimask's): labels 1..K are objects, 0 is background; class c uses mask map c - 1.

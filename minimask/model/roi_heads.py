@@ -147,7 +147,7 @@ class RoIHeads(nn.Module):
         """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
         mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (`random_subset`);
             0 = all (the paper, detectron2, torchvision).
-        torchvision's checkpoints need a few other conventions: `minimask.torchvision_conventions.TorchvisionRoIHeads`
+        torchvision's checkpoints need a few other conventions: `minimask.interop.torchvision_conventions.TorchvisionRoIHeads`
         overrides the methods that differ.
         """
         super().__init__()

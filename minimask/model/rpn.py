@@ -164,7 +164,7 @@ def find_top_proposals(
         training: if True, a non-finite box or logit raises FloatingPointError (detectron2 stops a diverged run);
             otherwise such proposals are dropped.
         rank_by_probability: NMS and the final top-k rank sigmoid(logit) instead of the logit (torchvision's
-            checkpoints, `minimask.torchvision_conventions`). The order is the same except that float32 sigmoids of
+            checkpoints, `minimask.interop.torchvision_conventions`). The order is the same except that float32 sigmoids of
             large logits tie at 1.0, and ties keep their order.
     Returns:
         (boxes, scores): per image a (P_i, 4) float tensor and its (P_i,) logits (probabilities with
@@ -230,7 +230,7 @@ class RPN(nn.Module):
         losses: {"loss_objectness", "loss_rpn_box_reg"} in training mode, {} in eval mode.
     Anchors are float32 on the features' device whatever the feature dtype (coordinates up to ~1e3 need it).
     `head_conv_depth` stacks more 3x3 convs in the head (torchvision's v2 models: 2). torchvision's checkpoints need
-    a few other conventions: `minimask.torchvision_conventions.TorchvisionRPN` overrides the methods below.
+    a few other conventions: `minimask.interop.torchvision_conventions.TorchvisionRPN` overrides the methods below.
     """
 
     def __init__(

@@ -4,7 +4,7 @@
 (`torch.load(weights_only=True)`, CRC-checked); Detectron / detectron2 pickles (Python-2 era, latin-1) through
 `_RestrictedUnpickler`, which admits numpy arrays and plain containers only, so a crafted file is refused before
 anything runs. The state is unwrapped ({"model"}, {"blobs"}, {"state_dict"}), arrays become tensors, and the
-format is told from the key names: "torchvision", "caffe2" or "minimask" (`minimask.weights` uses it), or
+format is told from the key names: "torchvision", "caffe2" or "minimask" (`minimask.interop.imagenet` uses it), or
 "detectron2" for a detectron2 detection checkpoint (not an ImageNet backbone format, so not in FORMATS). Every
 error is a ValueError naming the file.
 """
@@ -121,7 +121,7 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
 def _detect_format(path: str, state: dict) -> str:
     keys = list(state)
     if "backbone.bottom_up.stem.conv1.weight" in state and any(k.startswith("proposal_generator.") for k in keys):
-        return "detectron2"  # a whole detector (minimask.detectron2_format); not a backbone to --init imagenet
+        return "detectron2"  # a whole detector (minimask.interop.detectron2_format); not a backbone to --init imagenet
     if any(re.match(r"(res\d+_\d+_branch|res_conv1_bn_|conv1_gn_|conv1_w$)", k) for k in keys):
         return "caffe2"
     if any(re.search(r"(^|\.)bn\d\.", k) for k in keys):

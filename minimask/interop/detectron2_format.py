@@ -1,8 +1,8 @@
 """detectron2 model-zoo detection checkpoints in minimask: key renaming, the class layout, and the preset a file needs.
 
 A detectron2 checkpoint (`model_final_*.pkl` from its model zoo, or a `.pth` its trainer wrote) is a dict with
-"model" (name -> numpy array or tensor) and "__author__"; `minimask.weight_files.read_weights` reads both kinds (the
-.pkl files through the restricted unpickler) and `minimask.model_zoo.read_checkpoint` dispatches here. The d2_*
+"model" (name -> numpy array or tensor) and "__author__"; `minimask.interop.weight_files.read_weights` reads both kinds (the
+.pkl files through the restricted unpickler) and `minimask.interop.model_zoo.read_checkpoint` dispatches here. The d2_*
 presets in minimask/config.py (named after detectron2's config files, `d2_<yaml name>`) reproduce its inference
 conventions, which are minimask's defaults: ROIAlignV2 (aligned, adaptive
 sampling), box coder (10, 10, 5, 5), unrounded anchors at the nominal strides, grid-sample mask pasting, spatial-

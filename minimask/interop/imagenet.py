@@ -12,7 +12,7 @@ init with fine-tuning from ImageNet classification. Both must be set up right:
   pinned something else), and `load_imagenet_backbone` renames and loads strictly.
 - `--init checkpoint`: a whole minimask detector, strict.
 
-Files are read by `minimask.weight_files.read_weights` (weights-only loading, a restricted unpickler for pickles).
+Files are read by `minimask.interop.weight_files.read_weights` (weights-only loading, a restricted unpickler for pickles).
 Every error is a ValueError naming the file and the problem (train.py turns it into a one-line error, exit 2).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from minimask.model.norm import FrozenBatchNorm2d
 from minimask.model.resnet import rename_torchvision_keys
-from minimask.weight_files import FORMATS, read_weights
+from minimask.interop.weight_files import FORMATS, read_weights
 
 _BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weights with running statistics
 _PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
@@ -384,7 +384,7 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
     imagenet: the model must already follow the weights' conventions (`apply_imagenet_conventions` before
     `build_model`): a model whose pixel convention or stride placement differs is refused, then
     `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, or a torchvision or
-    detectron2 detection checkpoint (renamed by minimask.model_zoo / detectron2_format; build the matching
+    detectron2 detection checkpoint (renamed by minimask.interop.model_zoo / detectron2_format; build the matching
     torchvision_* / d2_* preset), loaded strictly; the model keeps its own pixel_mean, pixel_std and category_ids.
     """
     if init not in ("imagenet", "checkpoint"):
@@ -409,8 +409,8 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
             raise ValueError(f"--weights {path}: {e}") from None
         report = f"ImageNet init from {path}: {report}"
     else:
-        from minimask.detectron2_format import convert_detectron2_detection
-        from minimask.model_zoo import convert_torchvision_detection, is_torchvision_detection
+        from minimask.interop.detectron2_format import convert_detectron2_detection
+        from minimask.interop.model_zoo import convert_torchvision_detection, is_torchvision_detection
 
         if is_torchvision_detection(state) or fmt == "detectron2":  # renamed; the model keeps its own buffers
             if fmt == "detectron2":  # a detectron2 model-zoo detector (build the matching d2_* preset)

@@ -3,9 +3,9 @@
 torchvision's `maskrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn_v2` and `keypointrcnn_resnet50_fpn` state dicts are
 renamed to minimask's module names and loaded into the presets `torchvision_maskrcnn_r50_fpn`, `..._v2` and
 `torchvision_keypointrcnn_r50_fpn` (minimask/config.py), which reproduce torchvision's inference and training
-conventions (minimask/torchvision_conventions.py). Nothing here imports torchvision: a checkpoint is a dict of
+conventions (minimask/interop/torchvision_conventions.py). Nothing here imports torchvision: a checkpoint is a dict of
 tensors.
-detectron2 checkpoints are converted by `minimask.detectron2_format` into the d2_* presets.
+detectron2 checkpoints are converted by `minimask.interop.detectron2_format` into the d2_* presets.
 
 Class layout: torchvision predicts K + 1 classes with column 0 = background, like minimask, but also regresses a box
 (and predicts a mask) for the background class; those rows are dropped, so label k (1..K) keeps its meaning. For
@@ -31,10 +31,10 @@ from torch import Tensor
 from minimask.build import build_model
 from minimask.engine.checkpoint import load_checkpoint
 from minimask.config import Config, apply_override, get_config
-from minimask.detectron2_format import candidate_presets, convert_detectron2_detection, is_detectron2_detection
-from minimask.detectron2_format import num_classes as d2_num_classes
+from minimask.interop.detectron2_format import candidate_presets, convert_detectron2_detection, is_detectron2_detection
+from minimask.interop.detectron2_format import num_classes as d2_num_classes
 from minimask.model.mask_rcnn import MaskRCNN
-from minimask.weight_files import read_weights
+from minimask.interop.weight_files import read_weights
 
 TORCHVISION_PRESETS = ("torchvision_maskrcnn_r50_fpn", "torchvision_maskrcnn_r50_fpn_v2",
                        "torchvision_keypointrcnn_r50_fpn")
@@ -244,7 +244,7 @@ def from_checkpoint(path: str | os.PathLike, config=None) -> MaskRCNN:
     Formats: a minimask training checkpoint ({"model", "config", ...}: its own config), a bare minimask state dict
     (needs `config`), a torchvision detection state dict (the matching torchvision_* preset, with the class
     count read from the file), or a detectron2 checkpoint (.pkl or .pth; the d2_* preset its layout determines,
-    see `minimask.detectron2_format`; GN and SyncBN files fit several presets and need `config`). `config` (a
+    see `minimask.interop.detectron2_format`; GN and SyncBN files fit several presets and need `config`). `config` (a
     preset name, a Config, or a config dict) overrides the detected one.
     Raises ValueError when the file cannot tell which preset it needs and no config is given, and when the
     weights do not fit the model.
