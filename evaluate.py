@@ -26,9 +26,9 @@ import torch
 from pycocotools.coco import COCO
 
 import minimask
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
 from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
-from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
 TTA_MAX_SIZE = 4000  # detectron2 TEST.AUG.MAX_SIZE
@@ -186,7 +186,7 @@ def prepare_model_run(args) -> dict:
     dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False)  # COCO scores every image
     if keypoints and dataset.num_keypoints == 0:
         raise UsageError(f"{args.config} predicts keypoints but {ann} has no keypoint annotations")
-    state = read_weights(args.weights, cfg)
+    state = read_detector_state(args.weights, cfg)
     pinned = any(o.split("=", 1)[0].strip() == "model.roi_heads.num_classes" for o in args.overrides)
     if not pinned:  # the classifier's rows (K + 1) say how many classes the weights predict
         classifier = [v for k, v in state.items() if k.endswith("cls_score.weight")]
@@ -221,7 +221,7 @@ def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
     return info.rank, info.world_size, device
 
 
-def read_weights(path: str, cfg) -> dict:
+def read_detector_state(path: str, cfg) -> dict:
     """The minimask state dict in `path`: a minimask checkpoint (a state dict, or {"model": state dict}) or a
     torchvision detection checkpoint, converted (minimask.interop.model_zoo); ValueError naming the file otherwise."""
     from minimask.engine.checkpoint import CheckpointError

@@ -32,14 +32,21 @@ import torch
 import torch.nn.functional as F
 
 import minimask
-from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
-from minimask.tools.classification import BACKBONE_KEYS, PIXEL_KEYS, ImageFolder, build_classifier, evaluate, topk_correct
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.config import PRESETS, apply_override
 from minimask.data.samplers import build_train_loader, consumed_samples
 from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
 from minimask.engine import loop
-from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
+from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
 from minimask.engine.solver import build_optimizer, lr_at, lr_steps, scaled_lr
+from minimask.tools.classification import (
+    BACKBONE_KEYS,
+    PIXEL_KEYS,
+    ImageFolder,
+    build_classifier,
+    evaluate,
+    topk_correct,
+)
 
 EXIT_USAGE = loop.EXIT_USAGE
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1  # ImageNet ResNet recipe (He et al. 2016; Goyal et al. 2017)

@@ -31,23 +31,35 @@ from pathlib import Path
 import torch
 
 import minimask
-from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint, stream_changes
+from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.config import PRESETS, apply_override, to_dict
-from minimask.data import (CocoDetection, IndexSubset, build_test_loader, build_train_loader, build_transforms,
-                           subset_indices)
+from minimask.data import (
+    CocoDetection,
+    IndexSubset,
+    build_test_loader,
+    build_train_loader,
+    build_transforms,
+    subset_indices,
+)
 from minimask.data.coco import dataset_splits
 from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
 from minimask.engine import loop
+from minimask.engine.checkpoint import (
+    code_version,
+    list_checkpoints,
+    prune_checkpoints,
+    save_checkpoint,
+    stream_changes,
+)
+from minimask.engine.initialization import check_init_config, describe_trainable, load_initial_weights
 from minimask.engine.precise_bn import bn_statistics, recompute_bn_stats
-from minimask.evaluation import evaluate_coco, gather_results, inference
 from minimask.engine.run_log import plot_metrics
-from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.engine.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
-from minimask.tools.visualize import save_visualizations
+from minimask.evaluation import evaluate_coco, gather_results, inference
+from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions
 from minimask.interop.weight_files import read_weights
-from minimask.interop.imagenet import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
-                              load_initial_weights)
+from minimask.tools.visualize import save_visualizations
 
 EXIT_DIVERGED, EXIT_USAGE = loop.EXIT_DIVERGED, loop.EXIT_USAGE
 EXIT_PEER_LOST = 3

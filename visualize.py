@@ -51,8 +51,8 @@ def _probability(text: str) -> float:
 
 def prepare(args) -> dict:
     """Model, dataset and device, validated before any inference (UsageError / ValueError / OSError)."""
-    from minimask.engine.checkpoint import CheckpointError
     from minimask.data.transforms import build_transforms
+    from minimask.engine.checkpoint import CheckpointError
     from minimask.interop.model_zoo import read_checkpoint
 
     ensure_writable_dir(args.output)

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import minimask  # noqa: E402
 from bench_model import _cpu_name, make_batch  # noqa: E402
+
+import minimask  # noqa: E402
 from minimask.distributed import GradientAllReduce, init_distributed  # noqa: E402
 
 

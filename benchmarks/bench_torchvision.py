@@ -25,9 +25,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import minimask  # noqa: E402
-from minimask.interop.model_zoo import convert_torchvision_detection  # noqa: E402
 from bench_model import _cpu_name, peak_memory_mb, raise_class_scores, step_fns  # noqa: E402
+
+import minimask  # noqa: E402
+from minimask.interop.torchvision_format import convert_torchvision_detection  # noqa: E402
 
 
 def torchvision_model(kind: str, num_classes: int = 91):

@@ -5,9 +5,10 @@ reading it top to bottom shows the whole model of a preset.
 """
 import torch
 
+from minimask.config import Config, ModelConfig
+from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 from minimask.model.box_head import BoxPredictor, ConvFCHead
 from minimask.model.cascade import CascadeRoIHeads
-from minimask.config import Config, ModelConfig
 from minimask.model.fpn import FPN
 from minimask.model.keypoint_head import KeypointHead
 from minimask.model.mask_head import MaskHead
@@ -15,7 +16,6 @@ from minimask.model.mask_rcnn import MaskRCNN
 from minimask.model.resnet import ResNet
 from minimask.model.roi_heads import RoIHeads
 from minimask.model.rpn import RPN
-from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 
 FEATURE_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)  # P2..P5, pooled by the RoI heads
 

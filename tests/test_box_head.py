@@ -8,7 +8,6 @@ from torch import nn
 from minimask.model.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference, fast_rcnn_losses
 from minimask.ops.boxes import clip_boxes_to_image, nms
 
-
 # ConvFCHead / BoxPredictor
 
 def test_4conv1fc_shapes_and_no_conv_bias_when_normed():

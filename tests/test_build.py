@@ -19,8 +19,8 @@ from torch import nn
 
 import minimask
 from minimask.config import PRESETS, get_config
+from minimask.engine.initialization import check_init_config
 from minimask.model.norm import FrozenBatchNorm2d
-from minimask.interop.imagenet import check_init_config
 
 _SMALL_HEADS = ["model.fpn.out_channels=64", "model.box_head.fc_dims=(256,)", "model.roi_heads.num_classes=5",
                 "model.keypoint_head.conv_dims=(64, 64)"]

@@ -1,6 +1,7 @@
 """Tests for minimask/model/cascade.py: Cascade R-CNN heads in train and eval mode, score averaging, gradient scaling."""
 import pytest
 import torch
+from test_roi_heads import make_target, random_boxes  # the same toy proposals and targets
 
 import minimask.model.cascade as cascade_module
 from minimask.model.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference
@@ -8,7 +9,6 @@ from minimask.model.cascade import CascadeRoIHeads, _ScaleGradient, next_stage_b
 from minimask.model.mask_head import MaskHead
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image
-from test_roi_heads import make_target, random_boxes  # the same toy proposals and targets
 
 NUM_CLASSES, CHANNELS = 3, 64
 IMAGE_SIZES = [(64, 96), (56, 80)]

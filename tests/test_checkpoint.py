@@ -13,8 +13,16 @@ import torch
 from torch import nn
 
 from minimask.engine.checkpoint import (
-    FINAL_CHECKPOINT, CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, load_latest,
-    prune_checkpoints, rng_state, save_checkpoint, set_rng_state,
+    FINAL_CHECKPOINT,
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

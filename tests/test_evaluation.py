@@ -19,7 +19,6 @@ from minimask.data.samplers import build_test_loader
 from minimask.data.synthetic import build_synthetic
 from minimask.data.transforms import COCO_KEYPOINT_NAMES
 
-
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 def _gt_as_results(ann_file, kind):
@@ -473,7 +472,7 @@ def test_load_weights_strips_ddp_prefix_and_fills_a_missing_label_map(tmp_path):
     with pytest.warns(UserWarning, match="no category_ids"):
         torch.save(state, tmp_path / "ddp.pth")
         path = str(tmp_path / "ddp.pth")
-        evaluate.load_weights(target, evaluate.read_weights(path, minimask.get_config("tiny")), path, [3, 7])
+        evaluate.load_weights(target, evaluate.read_detector_state(path, minimask.get_config("tiny")), path, [3, 7])
     assert target.category_ids.tolist() == [3, 7]
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert name == "category_ids" or torch.equal(a, b)

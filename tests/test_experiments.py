@@ -10,11 +10,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import experiments as cli  # noqa: E402
 import train  # noqa: E402
+from minimask.config import PRESETS  # noqa: E402
+from minimask.engine.checkpoint import save_checkpoint  # noqa: E402
+from minimask.engine.solver import lr_steps  # noqa: E402
 from minimask.tools import collect as co  # noqa: E402
 from minimask.tools import experiments as ex  # noqa: E402
-from minimask.engine.checkpoint import save_checkpoint  # noqa: E402
-from minimask.config import PRESETS  # noqa: E402
-from minimask.engine.solver import lr_steps  # noqa: E402
 
 # The paper's schedules at batch 16 (spec Sec. 8.3): iterations and the LR drops at the last 60k and 20k.
 EXPECTED = {"2x": (180_000, (120_000, 160_000)), "3x": (270_000, (210_000, 250_000)),

@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 import minimask  # noqa: E402
 import train  # noqa: E402
-from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 from minimask.data.coco import CocoDetection, ImageLoadError, load_image  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
 from minimask.data.transforms import build_transforms  # noqa: E402
+from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 
 FAST = ["--workers", "0", "--seed", "3", "--eval-period", "0", "solver.log_period=1",
         "model.rpn.post_nms_topk_test=20", "model.roi_heads.detections_per_image=10", "input.min_size_test=64",

@@ -8,7 +8,6 @@ from torch import nn
 
 from minimask.model.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 
-
 # ----------------------------------------------------------------------------------------------------------- head
 
 def test_head_shapes():

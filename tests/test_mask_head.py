@@ -9,7 +9,6 @@ from torch import nn
 
 from minimask.model.mask_head import MaskHead, mask_loss, mask_targets, paste_masks, polygon_mask_targets
 
-
 # ----------------------------------------------------------------------------------------------------------- head
 
 def test_head_shapes_and_conv_bias():

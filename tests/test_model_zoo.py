@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from minimask import build_model, get_config
+from minimask.config import to_dict
+from minimask.engine.checkpoint import save_checkpoint
+from minimask.interop.model_zoo import config_from_dict, from_checkpoint
+from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN, paste_masks_legacy
+from minimask.interop.torchvision_format import convert_torchvision_detection
 from minimask.model.anchors import cell_anchors, grid_anchors
 from minimask.model.box_head import fast_rcnn_inference
-from minimask.engine.checkpoint import save_checkpoint
-from minimask.config import to_dict
 from minimask.model.keypoint_head import heatmaps_to_keypoints
-from minimask.interop.model_zoo import config_from_dict, convert_torchvision_detection, from_checkpoint
 from minimask.model.rpn import RPN, rpn_losses
-from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN, paste_masks_legacy
 
 PRESETS = {"v1": "torchvision_maskrcnn_r50_fpn", "v2": "torchvision_maskrcnn_r50_fpn_v2",
            "kp": "torchvision_keypointrcnn_r50_fpn"}
@@ -454,7 +455,7 @@ def test_torchvision_checkpoint_for_init_checkpoint_and_evaluate_py(tmp_path):
     --weights`) through the same conversion as from_checkpoint."""
     tv = pytest.importorskip("torchvision")
     import evaluate
-    from minimask.interop.imagenet import load_initial_weights
+    from minimask.engine.initialization import load_initial_weights
 
     torch.manual_seed(0)
     source = tv.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)

@@ -18,10 +18,11 @@ import torch
 
 from minimask import build_model, get_config
 from minimask.config import PRESETS
+from minimask.engine.initialization import load_initial_weights
 from minimask.interop.detectron2_format import COCO_CATEGORY_IDS, candidate_presets, convert_detectron2_detection
+from minimask.interop.imagenet import imagenet_conventions
 from minimask.interop.model_zoo import from_checkpoint, read_checkpoint
 from minimask.interop.weight_files import read_weights
-from minimask.interop.imagenet import imagenet_conventions, load_initial_weights
 
 # preset -> (depth, norm, box head, mask, keypoint, cascade), as in the detectron2 config file of the same name
 LAYOUTS = {

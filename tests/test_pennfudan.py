@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shared_data_dir
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import shared_data_dir
 from minimask.data.pennfudan import convert_pennfudan, mask_instances, read_pascal_boxes
 
 

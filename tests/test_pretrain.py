@@ -10,12 +10,20 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pretrain  # noqa: E402
 import minimask  # noqa: E402
-from minimask.tools.classification import (Classifier, ImageFolder, build_crop_folder, center_crop,  # noqa: E402
-                                     random_resized_crop, read_pretrain_info, topk_correct)
+import pretrain  # noqa: E402
+from minimask.engine.initialization import load_initial_weights  # noqa: E402
+from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions  # noqa: E402
 from minimask.interop.weight_files import read_weights  # noqa: E402
-from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions, load_initial_weights  # noqa: E402
+from minimask.tools.classification import (  # noqa: E402
+    Classifier,
+    ImageFolder,
+    build_crop_folder,
+    center_crop,
+    random_resized_crop,
+    read_pretrain_info,
+    topk_correct,
+)
 
 
 def make_folder(root: Path, classes=("bar", "dot", "ring"), per_class=4, size=40, seed=0):

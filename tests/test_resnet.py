@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from minimask.interop.torchvision_format import resnet_key
 from minimask.model.norm import FrozenBatchNorm2d
-from minimask.model.resnet import ResNet, rename_torchvision_keys
+from minimask.model.resnet import ResNet
 
 ALL = ("stem", "res2", "res3", "res4", "res5")
 
@@ -83,7 +84,7 @@ def test_torchvision_weights_load_strictly_and_give_identical_logits(arch, depth
     ref.eval()
     model = ResNet(depth=depth, groups=groups, width_per_group=width, norm="BN", stride_in_1x1=False,
                    num_classes=10, out_features=("res4", "logits"))
-    model.load_state_dict(rename_torchvision_keys(ref.state_dict()), strict=True)
+    model.load_state_dict({resnet_key(k): v for k, v in ref.state_dict().items()}, strict=True)
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -95,15 +96,15 @@ def test_torchvision_weights_load_strictly_and_give_identical_logits(arch, depth
     # The same weights in FrozenBatchNorm2d (fine-tuning setup): same eval-mode function.
     frozen = ResNet(depth=depth, groups=groups, width_per_group=width, norm="FrozenBN", num_classes=10,
                     out_features=("logits",))
-    frozen.load_state_dict(rename_torchvision_keys(ref.state_dict()), strict=True)
+    frozen.load_state_dict({resnet_key(k): v for k, v in ref.state_dict().items()}, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x)["logits"], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_rename_torchvision_keys():
+def test_torchvision_resnet_key():
     sd = {k: torch.zeros(1) for k in ["conv1.weight", "bn1.weight", "layer1.0.bn3.running_mean",
                                       "layer2.0.downsample.1.num_batches_tracked", "fc.bias", "layer4.2.conv2.weight"]}
-    assert list(rename_torchvision_keys(sd)) == [
+    assert [resnet_key(k) for k in sd] == [
         "conv1.weight", "norm1.weight", "layer1.0.norm3.running_mean", "layer2.0.downsample.1.num_batches_tracked",
         "fc.bias", "layer4.2.conv2.weight"]
 

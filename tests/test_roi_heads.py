@@ -5,11 +5,18 @@ import torch
 from minimask.model.box_head import BoxPredictor, ConvFCHead, fast_rcnn_inference, fast_rcnn_losses
 from minimask.model.keypoint_head import KeypointHead
 from minimask.model.mask_head import MaskHead, paste_masks
+from minimask.model.roi_heads import (
+    RoIHeads,
+    RoISamples,
+    box_regression_targets,
+    label_boxes,
+    sample_proposals,
+    select_foreground,
+    with_visible_keypoints,
+)
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import box_iou
 from minimask.ops.poolers import multiscale_roi_align
-from minimask.model.roi_heads import (RoIHeads, RoISamples, box_regression_targets, label_boxes, sample_proposals,
-                                select_foreground, with_visible_keypoints)
 
 NUM_CLASSES, CHANNELS = 3, 64
 IMAGE_SIZES = [(64, 96), (56, 80)]  # (h, w) of the unpadded images; features are for a 64 x 96 padded batch

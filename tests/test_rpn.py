@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from minimask.model.anchors import multilevel_anchors
+from minimask.model.rpn import RPN, RPNHead, find_top_proposals, label_anchors, rpn_losses
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image, nms
-from minimask.model.rpn import RPN, RPNHead, find_top_proposals, label_anchors, rpn_losses
 
 STRIDES = (4, 8, 16, 32, 64)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from minimask.model.norm import FrozenBatchNorm2d, SyncBatchNorm
 from minimask.engine.solver import SCHEDULES, build_optimizer, clip_grad_norm, lr_at, lr_steps, scaled_lr
+from minimask.model.norm import FrozenBatchNorm2d, SyncBatchNorm
 
 BASE = 0.02
 

@@ -13,8 +13,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from minimask.data import synthetic
-from minimask.data.synthetic import (CATEGORY_NAMES, KEYPOINT_NAMES, PERSON_CATEGORY_ID, build_synthetic,
-                                     synthetic_dataset)
+from minimask.data.synthetic import (
+    CATEGORY_NAMES,
+    KEYPOINT_NAMES,
+    PERSON_CATEGORY_ID,
+    build_synthetic,
+    synthetic_dataset,
+)
 
 COCO_KEYPOINT_NAMES = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",

@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
+from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 
 FAST = ["solver.log_period=1", "model.rpn.post_nms_topk_test=20", "model.roi_heads.detections_per_image=10",
         "input.min_size_test=96", "input.max_size_test=96"]

@@ -26,8 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
+from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
 
 TRAIN = REPO / "train.py"
 FAST = ["--workers", "0", "--eval-period", "0", "--seed", "3", "solver.log_period=1",

@@ -6,8 +6,8 @@ from PIL import Image
 
 import minimask
 import visualize
-from minimask.engine.checkpoint import save_checkpoint
 from minimask.config import to_dict
+from minimask.engine.checkpoint import save_checkpoint
 from minimask.tools.visualize import COCO_SKELETON, draw_detections, save_visualizations
 
 

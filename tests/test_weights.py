@@ -17,11 +17,11 @@ import torch
 
 import minimask
 from minimask.config import get_config
+from minimask.engine.initialization import check_init_config, describe_trainable, load_initial_weights
+from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions, load_imagenet_backbone
+from minimask.interop.weight_files import read_weights
 from minimask.model.norm import FrozenBatchNorm2d
 from minimask.model.resnet import ResNet
-from minimask.interop.imagenet import (apply_imagenet_conventions, check_init_config, describe_trainable, imagenet_conventions,
-                              load_imagenet_backbone, load_initial_weights)
-from minimask.interop.weight_files import read_weights
 
 BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 18: [2, 2, 2, 2]}
 
@@ -145,7 +145,7 @@ def test_python2_detectron_pickle_loads(tmp_path):
 # ---- torchvision --------------------------------------------------------------------------------------------------
 
 def _torchvision_names(state):
-    """minimask -> torchvision names (the inverse of resnet.rename_torchvision_keys)."""
+    """minimask -> torchvision names (the inverse of torchvision_format.resnet_key)."""
     return {re.sub(r"(^|\.)norm(\d)", r"\1bn\2", k): v for k, v in state.items()}
 
 

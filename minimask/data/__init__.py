@@ -8,8 +8,14 @@ project builds itself (the synthetic set, Penn-Fudan converted to COCO).
 """
 from minimask.data.coco import CocoDetection, ImageLoadError, load_image
 from minimask.data.pennfudan import convert_pennfudan
-from minimask.data.samplers import (IndexSubset, InfiniteSampler, build_test_loader, build_train_loader, collate,
-                                    subset_indices)
+from minimask.data.samplers import (
+                                    IndexSubset,
+                                    InfiniteSampler,
+                                    build_test_loader,
+                                    build_train_loader,
+                                    collate,
+                                    subset_indices,
+)
 from minimask.data.synthetic import build_synthetic, synthetic_dataset
 from minimask.data.transforms import build_transforms
 

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from minimask.engine.checkpoint import checkpoint_name, list_checkpoints, load_latest, rng_state, set_rng_state
 from minimask.distributed import all_reduce_sum, barrier, reduce_dict_mean
+from minimask.engine.checkpoint import checkpoint_name, list_checkpoints, load_latest, rng_state, set_rng_state
 from minimask.engine.run_log import append_metrics, max_memory_mb, read_metrics, write_metrics
 from minimask.engine.solver import clip_grad_norm, grad_norm
 

@@ -1,38 +1,28 @@
-"""Initial weights for training: random init checks, ImageNet backbones in every common format, safe loading.
+"""ImageNet backbones in every common format, and the conventions they were trained with (for `--init imagenet`;
+"Rethinking ImageNet Pre-training" compares fine-tuning from them with training from random init, Sec. 3-4).
 
-The paper ("Rethinking ImageNet Pre-training", He/Girshick/Dollar 2019, Sec. 3-4) compares training from random
-init with fine-tuning from ImageNet classification. Both must be set up right:
-
-- `--init random`: every layer keeps the init of detectron2 (each module's constructor; checked in
-  tests/test_build.py); nothing may be frozen and no FrozenBN may be used (`check_init_config`).
-- `--init imagenet`: a backbone from a torchvision .pth, a Detectron / detectron2 Caffe2 pickle (MSRA `R-50.pkl`,
-  FAIR `R-50-GN.pkl`, `X-101-32x8d.pkl`, ...) or minimask's own ResNet state dict. `read_weights` detects the
-  format, `imagenet_conventions` says which pixel convention, stride placement and norm the weights were trained
-  with, `apply_imagenet_conventions` puts those into the config before `build_model` (refusing where the user
-  pinned something else), and `load_imagenet_backbone` renames and loads strictly.
-- `--init checkpoint`: a whole minimask detector, strict.
-
-Files are read by `minimask.interop.weight_files.read_weights` (weights-only loading, a restricted unpickler for pickles).
-Every error is a ValueError naming the file and the problem (train.py turns it into a one-line error, exit 2).
+A backbone comes from a torchvision .pth, a Detectron / detectron2 Caffe2 pickle (MSRA `R-50.pkl`, FAIR
+`R-50-GN.pkl`, `X-101-32x8d.pkl`, ...) or minimask's own ResNet state dict; `minimask.interop.weight_files
+.read_weights` reads it and tells the format (weights-only loading, a restricted unpickler for pickles).
+`imagenet_conventions` says which pixel convention, stride placement and norm the weights were trained with,
+`apply_imagenet_conventions` puts those into the config before `build_model` (refusing where the user pinned
+something else), and `load_imagenet_backbone` renames and loads strictly. Every error is a ValueError naming the
+problem.
 """
 from __future__ import annotations
 
-import collections
 import re
 
 import torch
 from torch import nn
 
+from minimask.interop.torchvision_format import resnet_key
+from minimask.interop.weight_files import FORMATS
 from minimask.model.norm import FrozenBatchNorm2d
-from minimask.model.resnet import rename_torchvision_keys
-from minimask.interop.weight_files import FORMATS, read_weights
 
 _BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weights with running statistics
-_PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
+PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
 _D2_MEAN = (103.530, 116.280, 123.675)  # BGR 0-255; D2 config/defaults.py PIXEL_MEAN
-
-# The layers whose shape follows the number of classes (fine-tuning to another label set re-initialises them).
-_CLASS_LAYER = re.compile(r"(^|\.)(cls_score|bbox_pred)\.|mask_head\.predictor\.|^category_ids$")
 
 
 # ---- Caffe2 (Detectron / detectron2 ImageNet pickles) -> minimask names --------------------------------------------
@@ -137,18 +127,19 @@ def imagenet_conventions(fmt: str, state: dict) -> dict:
     return out
 
 
-def _pixel_transform(fmt: str, scale: float, mean, std) -> list[tuple[int, float, float]]:
+def pixel_transform(fmt: str, scale: float, mean, std) -> list[tuple[int, float, float]]:
     """For each model input channel: (source RGB channel, gain, offset) of x_rgb in [0, 1] -> normalised value."""
     source = [2, 1, 0] if fmt == "BGR" else [0, 1, 2]
     return [(source[j], scale / std[j], mean[j] / std[j]) for j in range(3)]
 
 
-def _same_transform(a, b) -> bool:
+def same_transform(a, b) -> bool:
     return all(sa == sb and abs(ga - gb) <= 1e-3 * abs(gb) and abs(oa - ob) <= 1e-3 * max(abs(ob), 1.0)
                for (sa, ga, oa), (sb, gb, ob) in zip(a, b))
 
 
-def _get(cfg, key: str):
+def get_key(cfg, key: str):
+    """The value of a dotted config key ("model.backbone.norm")."""
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -174,7 +165,7 @@ def apply_imagenet_conventions(cfg, overrides: dict, pinned_keys: set[str]) -> l
     changes = []
     for key, value in overrides.items():
         if key == "model.backbone.norm":
-            current = _get(cfg, key)
+            current = get_key(cfg, key)
             if current in value:
                 continue
             if key in pinned_keys:
@@ -183,21 +174,21 @@ def apply_imagenet_conventions(cfg, overrides: dict, pinned_keys: set[str]) -> l
                                  f"{' or '.join(v or repr(v) for v in value)} there")
             _set(cfg, key, value[0])
             changes.append(f"{key}: {current!r} -> {value[0]!r}")
-        elif key not in _PIXEL_KEYS and _get(cfg, key) != value:
+        elif key not in PIXEL_KEYS and get_key(cfg, key) != value:
             if key in pinned_keys:
-                raise ValueError(f"--init imagenet with {key}={_get(cfg, key)!r}: these weights were trained with "
-                                 f"{key}={value!r}")
-            changes.append(f"{key}: {_get(cfg, key)!r} -> {value!r}")
+                raise ValueError(f"--init imagenet with {key}={get_key(cfg, key)!r}: these weights were trained "
+                                 f"with {key}={value!r}")
+            changes.append(f"{key}: {get_key(cfg, key)!r} -> {value!r}")
             _set(cfg, key, value)
-    if not any(k in overrides for k in _PIXEL_KEYS):
+    if not any(k in overrides for k in PIXEL_KEYS):
         return changes
-    wanted = _pixel_transform(*(overrides[k] for k in _PIXEL_KEYS))
-    for key in _PIXEL_KEYS:
-        if key not in pinned_keys and _get(cfg, key) != overrides[key]:
-            changes.append(f"{key}: {_get(cfg, key)!r} -> {overrides[key]!r}")
+    wanted = pixel_transform(*(overrides[k] for k in PIXEL_KEYS))
+    for key in PIXEL_KEYS:
+        if key not in pinned_keys and get_key(cfg, key) != overrides[key]:
+            changes.append(f"{key}: {get_key(cfg, key)!r} -> {overrides[key]!r}")
             _set(cfg, key, overrides[key])
-    if not _same_transform(_pixel_transform(*(_get(cfg, k) for k in _PIXEL_KEYS)), wanted):
-        pinned = [f"{k}={_get(cfg, k)!r}" for k in _PIXEL_KEYS if k in pinned_keys]
+    if not same_transform(pixel_transform(*(get_key(cfg, k) for k in PIXEL_KEYS)), wanted):
+        pinned = [f"{k}={get_key(cfg, k)!r}" for k in PIXEL_KEYS if k in pinned_keys]
         raise ValueError(f"--init imagenet with {', '.join(pinned)}: these weights expect input_format="
                          f"{overrides['model.input_format']}, pixel_scale={overrides['model.pixel_scale']}, "
                          f"pixel_mean={overrides['model.pixel_mean']}, pixel_std={overrides['model.pixel_std']}")
@@ -208,7 +199,7 @@ def apply_imagenet_conventions(cfg, overrides: dict, pinned_keys: set[str]) -> l
 
 def _rename(state: dict, fmt: str) -> dict:
     if fmt == "torchvision":
-        return rename_torchvision_keys(state)
+        return {resnet_key(k): v for k, v in state.items()}
     if fmt == "caffe2":
         return {_caffe2_to_minimask(k): v for k, v in state.items()}
     return dict(state)
@@ -305,139 +296,3 @@ def _mismatch_message(renamed, target, missing, unexpected, mismatched) -> str:
         if names:
             parts.append(f"{len(names)} {title}: {_short(names)}")
     return "; ".join(parts)
-
-
-# ---- random init checks and the trainer's summary ------------------------------------------------------------------
-
-_NORM_FIELDS = ("model.backbone.norm", "model.fpn.norm", "model.box_head.norm", "model.mask_head.norm")
-
-
-def check_init_config(cfg, init: str) -> None:
-    """Refuse configs that cannot train with `init` (ValueError naming the offending field).
-
-    random: FrozenBN anywhere keeps identity statistics and fixed affine parameters, i.e. no normalisation at all
-    (detectron2 issue #914), and `freeze_at > 0` leaves random layers untrained (-3.3 AP in Detectron,
-    `projects/GN/README.md`).
-    """
-    if init not in ("random", "imagenet", "checkpoint"):
-        raise ValueError(f"--init must be random, imagenet or checkpoint, got {init!r}")
-    if init != "random":
-        return
-    for key in _NORM_FIELDS:
-        if _get(cfg, key) == "FrozenBN":
-            raise ValueError(f"--init random with {key}=FrozenBN: FrozenBN keeps ImageNet statistics and never "
-                             f"updates them, so with random weights it normalises nothing; use GN or SyncBN "
-                             f"(paper Sec. 3)")
-    if cfg.model.backbone.freeze_at > 0:
-        raise ValueError(f"--init random with model.backbone.freeze_at={cfg.model.backbone.freeze_at}: frozen "
-                         f"layers would stay random; use 0 when training from scratch")
-
-
-def _frozen_prefixes(module: nn.Module, prefix: str = "") -> list[str]:
-    """Frozen parameter names, compressed: a module whose parameters are all frozen appears as `name.*`."""
-    params = list(module.parameters())
-    if params and not any(p.requires_grad for p in params):
-        return [f"{prefix}* ({sum(p.numel() for p in params):,})"]
-    out = [f"{prefix}{n}" for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
-    for name, child in module.named_children():
-        out += _frozen_prefixes(child, f"{prefix}{name}.")
-    return out
-
-
-def describe_trainable(model: nn.Module) -> str:
-    """A short multi-line summary: trainable / total parameters, frozen parameters (by prefix) and the norm
-    classes of the backbone, FPN, RPN and the box / mask / keypoint heads."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [f"parameters: {trainable:,} trainable of {total:,}"]
-    frozen = _frozen_prefixes(model)
-    lines.append(f"frozen: {', '.join(frozen) if frozen else 'nothing'}")
-    roi = getattr(model, "roi_heads", None)
-    parts = {"backbone": getattr(model, "backbone", None), "fpn": getattr(model, "fpn", None),
-             "rpn": getattr(model, "rpn", None), "box head": getattr(roi, "box_head", None),
-             "mask head": getattr(roi, "mask_head", None), "keypoint head": getattr(roi, "keypoint_head", None)}
-    norms = []
-    for name, part in parts.items():
-        if part is None:
-            norms.append(f"{name}: absent")
-            continue
-        counts = collections.Counter(type(m).__name__ for m in part.modules() if isinstance(
-            m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)))
-        norms.append(f"{name}: " + (", ".join(f"{c} x{n}" for c, n in counts.items()) or "no norm"))
-    lines.append("norms: " + "; ".join(norms))
-    return "\n".join(lines)
-
-
-# ---- the trainer's entry point -------------------------------------------------------------------------------------
-
-def _model_stride_in_1x1(backbone: nn.Module) -> bool | None:
-    block = getattr(getattr(backbone, "layer2", None), "0", None)
-    if block is None or not hasattr(block, "conv3"):
-        return None  # no bottleneck stage to tell
-    return block.conv1.stride != (1, 1)
-
-
-def load_initial_weights(model, init: str, path: str, *, strict: bool = True, weights=None) -> str:
-    """Initialise `model` from `path` for --init imagenet (backbone) or checkpoint (whole model); print and return
-    a report. `weights` may pass the (state, fmt) that `read_weights(path)` already returned.
-
-    imagenet: the model must already follow the weights' conventions (`apply_imagenet_conventions` before
-    `build_model`): a model whose pixel convention or stride placement differs is refused, then
-    `load_imagenet_backbone(strict=strict)`. checkpoint: a minimask detector state dict, or a torchvision or
-    detectron2 detection checkpoint (renamed by minimask.interop.model_zoo / detectron2_format; build the matching
-    torchvision_* / d2_* preset), loaded strictly; the model keeps its own pixel_mean, pixel_std and category_ids.
-    """
-    if init not in ("imagenet", "checkpoint"):
-        raise ValueError(f"load_initial_weights: --init {init!r} loads no weights")
-    state, fmt = weights if weights is not None else read_weights(path)
-    if init == "imagenet":
-        conv = imagenet_conventions(fmt, state)
-        if "model.pixel_mean" in conv:
-            have = _pixel_transform(model.input_format, model.pixel_scale, model.pixel_mean.flatten().tolist(),
-                                    model.pixel_std.flatten().tolist())
-            if not _same_transform(have, _pixel_transform(*(conv[k] for k in _PIXEL_KEYS))):
-                raise ValueError(f"--weights {path}: the model's pixel convention ({model.input_format}, scale "
-                                 f"{model.pixel_scale}) is not the one these weights were trained with; call "
-                                 f"apply_imagenet_conventions before build_model")
-        stride = _model_stride_in_1x1(model.backbone)
-        if stride is not None and stride != conv.get("model.backbone.stride_in_1x1", stride):
-            raise ValueError(f"--weights {path}: the backbone has stride_in_1x1={stride}, these weights were "
-                             f"trained with stride_in_1x1={not stride}")
-        try:
-            report = load_imagenet_backbone(model.backbone, state, fmt, strict=strict)
-        except ValueError as e:
-            raise ValueError(f"--weights {path}: {e}") from None
-        report = f"ImageNet init from {path}: {report}"
-    else:
-        from minimask.interop.detectron2_format import convert_detectron2_detection
-        from minimask.interop.model_zoo import convert_torchvision_detection, is_torchvision_detection
-
-        if is_torchvision_detection(state) or fmt == "detectron2":  # renamed; the model keeps its own buffers
-            if fmt == "detectron2":  # a detectron2 model-zoo detector (build the matching d2_* preset)
-                state = convert_detectron2_detection(state)
-            else:  # e.g. maskrcnn_resnet50_fpn (build the matching torchvision_* preset)
-                state, _ = convert_torchvision_detection(state)
-            kept = ("pixel_mean", "pixel_std", "category_ids")
-            state = {**state, **{k: v for k, v in model.state_dict().items() if k in kept}}
-            fmt = "minimask"
-        if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
-            raise ValueError(f"--weights {path}: --init checkpoint needs a minimask detector checkpoint, this is "
-                             f"a {fmt} {'backbone' if fmt == 'minimask' else 'file'} (use --init imagenet)")
-        # Fine-tuning on another label set (a COCO detector on pedestrians, say): the class-dependent layers do not
-        # fit, so they keep their fresh initialisation, as detectron2 does, and the label map is the model's (the
-        # new dataset's). Every other layer must fit exactly.
-        own = model.state_dict()
-        fresh = [k for k, v in state.items()
-                 if _CLASS_LAYER.search(k) and k in own and tuple(v.shape) != tuple(own[k].shape)]
-        state = {**state, **{k: own[k] for k in fresh}}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            detail = " ".join(str(e).split())[:300]
-            raise ValueError(f"--weights {path} does not fit the model: {detail}") from None
-        report = f"initialised the whole model from {path}"
-        if fresh:
-            report += (f"; the checkpoint predicts another number of classes, so these start from their "
-                       f"initialisation for {model.num_classes}: {', '.join(k for k in fresh if k != 'category_ids')}")
-    print(report)
-    return report

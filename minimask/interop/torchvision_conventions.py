@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minimask.distributed import global_normalizer
 from minimask.model.anchors import multilevel_anchors
 from minimask.model.box_head import fast_rcnn_inference
-from minimask.distributed import global_normalizer
 from minimask.model.keypoint_head import heatmaps_to_keypoints
 from minimask.model.mask_head import check_paste_inputs, mask_targets
 from minimask.model.roi_heads import RoIHeads, RoISamples

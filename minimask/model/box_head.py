@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
 from minimask.model.norm import get_norm
+from minimask.model.weight_init import c2_msra_fill, c2_xavier_fill
 from minimask.ops.box_coder import box_regression_loss
 from minimask.ops.boxes import batched_nms, clip_boxes_to_image
-from minimask.model.weight_init import c2_msra_fill, c2_xavier_fill
 
 
 class ConvFCHead(nn.Module):

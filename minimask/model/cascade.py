@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from minimask.model.box_head import fast_rcnn_losses
+from minimask.model.roi_heads import RoIHeads, RoISamples, box_regression_targets, boxes_per_class, label_boxes
 from minimask.ops.box_coder import decode
 from minimask.ops.boxes import clip_boxes_to_image
-from minimask.model.roi_heads import RoIHeads, RoISamples, box_regression_targets, boxes_per_class, label_boxes
 
 
 class _ScaleGradient(torch.autograd.Function):

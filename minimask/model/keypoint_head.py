@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
-from minimask.ops.boxes import check_boxes
 from minimask.model.weight_init import c2_msra_fill
+from minimask.ops.boxes import check_boxes
 
 
 class KeypointHead(nn.Module):

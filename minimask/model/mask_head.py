@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from minimask.distributed import global_normalizer
 from minimask.model.norm import get_norm
+from minimask.model.weight_init import c2_msra_fill
 from minimask.ops.boxes import check_boxes
 from minimask.ops.roi_align import roi_align
-from minimask.model.weight_init import c2_msra_fill
 
 # Bytes allowed for the (n, h, w) float temporary of one paste chunk; detectron2 uses ~1 GB for its whole paste.
 PASTE_CHUNK_BYTES = 256 * 1024 * 1024

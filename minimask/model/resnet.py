@@ -16,13 +16,13 @@ Stage names (Detectron) and module names (torchvision, with `bn` renamed `norm`)
     logits      fc                 fc                 num_classes                   (global average pool + fc)
 
 Inside a block: `conv1/norm1, conv2/norm2[, conv3/norm3]`, shortcut `downsample.0` (conv) and `downsample.1` (norm).
-So a torchvision state dict loads after renaming every `bnK` module to `normK` (`rename_torchvision_keys`), with
+So a torchvision state dict loads after renaming every `bnK` module to `normK`
+(`minimask.interop.torchvision_format.resnet_key`), with
 norm="BN" and stride_in_1x1=False (torchvision "v1.5" strides the 3x3 conv).
 
 Stages after the deepest requested output are not built at all (detectron2 does the same): they would never run,
 and unused parameters break DistributedDataParallel.
 """
-import re
 
 import torch
 import torch.nn.functional as F
@@ -269,12 +269,3 @@ class ResNet(nn.Module):
         if "logits" in self._out_features:
             outputs["logits"] = self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
         return outputs
-
-
-def rename_torchvision_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a torchvision ResNet/ResNeXt state dict to this module's names: `bn1` -> `norm1` etc.
-
-    Everything else (conv*, layer*, downsample.0/1, fc) already matches. Load the result with norm="BN" (or
-    "FrozenBN") and stride_in_1x1=False; drop the `fc.` keys for a backbone built without num_classes.
-    """
-    return {re.sub(r"(^|\.)bn(\d)", r"\1norm\2", k): v for k, v in state_dict.items()}

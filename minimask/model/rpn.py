@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimask.model.anchors import multilevel_anchors
 from minimask.distributed import global_normalizer
+from minimask.model.anchors import multilevel_anchors
 from minimask.ops.box_coder import box_regression_loss, decode, encode
 from minimask.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
 from minimask.ops.matcher import match_boxes, sample_balanced

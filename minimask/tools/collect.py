@@ -68,8 +68,8 @@ def find_runs(paths) -> list[Path]:
 def load_run(path) -> RunResult:
     """Read metrics.jsonl, config.json and experiment.json (written by `run_grid`; else init is "unknown") of a run,
     and the pretrain.py metadata of its --weights file when there is one."""
-    from minimask.tools.classification import read_pretrain_info
     from minimask.engine.run_log import read_metrics
+    from minimask.tools.classification import read_pretrain_info
 
     path = Path(path)
     if not (path / "metrics.jsonl").is_file():

@@ -26,8 +26,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minimask.tools.collect import EXPERIMENT_FILE, collect, find_runs
 from minimask.engine.solver import SCHEDULES, lr_steps
+from minimask.tools.collect import EXPERIMENT_FILE, collect, find_runs
 
 SCALE_AUG = "input.min_size_train=(640, 672, 704, 736, 768, 800)"  # D2 Base-RCNN-FPN.yaml
 CASCADE = ["model.cascade.enabled=True", "model.box_head.class_agnostic=True", "model.rpn.post_nms_topk_train=2000"]
@@ -296,8 +296,8 @@ def prepare(grid: Grid, *, root, data: str = "synthetic") -> None:
     """Build what the grid's jobs read: the crop image folder ({root}/data/crops/{train,val}/<class>) and Penn-Fudan
     in the COCO layout train.py --data takes ({root}/data/pennfudan/annotations/instances_{train,val}.json and
     train/, val/ links to PNGImages/). Finished steps are skipped."""
-    from minimask.tools.classification import CROP_MARKER, build_crop_folder
     from minimask.data.coco import dataset_splits
+    from minimask.tools.classification import CROP_MARKER, build_crop_folder
 
     root = Path(root)
     if "crops" in grid.prepare:
