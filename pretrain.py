@@ -35,7 +35,7 @@ import minimask
 from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.config import PRESETS, apply_override
 from minimask.data.samplers import build_train_loader, consumed_samples
-from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
+from minimask.distributed import init_distributed
 from minimask.engine import loop
 from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
 from minimask.engine.solver import build_optimizer, lr_at, lr_steps, scaled_lr
@@ -131,44 +131,26 @@ def pretrain(*, args, cfg, model, train_set, val_set, output: Path, dist_info) -
     steps = lr_steps(args.iters)
     model.to(device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=args.weight_decay)
-    saved, iteration = None, 0
-    if args.resume:
-        try:
-            saved, iteration = loop.resume(output, lambda state: restore(state, model, optimizer),
-                                           world_size=world_size, device=device)
-        except loop.ResumeError as e:
-            print(f"pretrain.py: error: {e}", file=sys.stderr)
-            loop.teardown(world_size)
-            return EXIT_USAGE
-    if iteration >= args.iters:
-        print(f"nothing to do: the run in {output} already finished {iteration} iterations")
-        loop.teardown(world_size)
-        return 0
-    if world_size > 1:
-        broadcast_parameters(model)
-    all_reduce = GradientAllReduce([p for p in model.parameters() if p.requires_grad]) if world_size > 1 else None
-    batches = iter(build_train_loader(train_set, batch_size_per_rank=per_rank, seed=args.seed, rank=rank,
-                                      world_size=world_size, start=consumed_samples(iteration, per_rank, world_size),
-                                      num_workers=args.workers, aspect_grouping=False))
-    if saved is not None:  # after iter(loader), which draws the loader's base seed from the RNG
-        loop.restore_rng(saved, rank)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"pre-training the {args.config} backbone ({cfg.model.backbone.depth} layers, norm "
               f"{cfg.model.backbone.norm}, {params:,} parameters) on {len(train_set)} images of "
               f"{len(train_set.classes)} classes at {args.image_size} px: {args.iters} iterations, batch "
               f"{args.batch_size} ({world_size} process(es), {device}), lr {lr:g}, steps {steps}")
-    log = loop.MetricsLog(output / "metrics.jsonl", iteration, enabled=rank == 0)
+    log = loop.MetricsLog(output / "metrics.jsonl", enabled=rank == 0)
     run = PretrainRun(args=args, cfg=cfg, model=model, optimizer=optimizer, train_set=train_set, val_set=val_set,
                       output=output, dist_info=dist_info, log=log, lr=lr, steps=steps)
     return loop.run(loop.TrainingLoop(
         program="pretrain.py", model=model, optimizer=optimizer,
-        loss_fn=functools.partial(classification_loss, device=device), batches=batches,
+        loss_fn=functools.partial(classification_loss, device=device),
+        batches=lambda iteration: iter(build_train_loader(
+            train_set, batch_size_per_rank=per_rank, seed=args.seed, rank=rank, world_size=world_size,
+            start=consumed_samples(iteration, per_rank, world_size), num_workers=args.workers, aspect_grouping=False)),
         lr_at=functools.partial(lr_at, base_lr=lr, max_iter=args.iters, steps=steps, warmup_iters=args.warmup_iters),
-        max_iter=args.iters, output=output, world_size=world_size, checkpoint=run.checkpoint, finish=run.finish,
-        log=log, evaluate=run.evaluate if val_set is not None else None, eval_period=args.eval_period,
-        checkpoint_period=args.checkpoint_period, log_period=args.log_period, max_grad_norm=args.clip_grad_norm,
-        all_reduce=all_reduce), iteration)
+        max_iter=args.iters, output=output, dist_info=dist_info, checkpoint=run.checkpoint, finish=run.finish,
+        log=log, resume=args.resume, restore=functools.partial(restore, model=model, optimizer=optimizer),
+        evaluate=run.evaluate if val_set is not None else None, eval_period=args.eval_period,
+        checkpoint_period=args.checkpoint_period, log_period=args.log_period, max_grad_norm=args.clip_grad_norm))
 
 
 def classification_loss(model, batch, *, device) -> dict:
@@ -181,7 +163,7 @@ def classification_loss(model, batch, *, device) -> dict:
     return {"loss_classifier": F.cross_entropy(logits, labels), "top1": top1}
 
 
-def restore(saved: dict, model, optimizer) -> None:
+def restore(saved: dict, *, model, optimizer) -> None:
     model.backbone.load_state_dict(saved["model"])
     if "optimizer" in saved:  # not in model_final.pth
         optimizer.load_state_dict(saved["optimizer"])

@@ -43,7 +43,7 @@ from minimask.data import (
 )
 from minimask.data.coco import dataset_splits
 from minimask.data.samplers import consumed_samples, derive_seed
-from minimask.distributed import GradientAllReduce, broadcast_parameters, init_distributed
+from minimask.distributed import init_distributed
 from minimask.engine import loop
 from minimask.engine.checkpoint import (
     code_version,
@@ -263,39 +263,21 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
         (output / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
         print(f"training {s.max_iter} iterations, global batch {s.batch_size} ({world_size} process(es), "
               f"{per_rank} per process, {device}), lr {lr:g} (steps {s.steps}), {len(train_set)} training images")
-    saved, iteration = None, 0
-    if resume:
-        try:
-            saved, iteration = loop.resume(output, lambda state: restore(state, model, optimizer, scaler, config_dict,
-                                                                         world_size), world_size=world_size,
-                                           device=device)
-        except loop.ResumeError as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            loop.teardown(world_size)
-            return EXIT_USAGE
-    if iteration >= s.max_iter:
-        print(f"nothing to do: the run in {output} already finished {iteration} iterations")
-        loop.teardown(world_size)
-        return 0
-    if world_size > 1:
-        broadcast_parameters(model)
-    all_reduce = GradientAllReduce([p for p in model.parameters() if p.requires_grad]) if world_size > 1 else None
-    batches = iter(build_train_loader(train_set, batch_size_per_rank=per_rank, seed=cfg.seed, rank=rank,
-                                      world_size=world_size, start=consumed_samples(iteration, per_rank, world_size),
-                                      num_workers=cfg.data.num_workers))
-    if saved is not None:  # after iter(loader), which draws the loader's base seed from the RNG
-        loop.restore_rng(saved, rank)
-    log = loop.MetricsLog(output / "metrics.jsonl", iteration, enabled=rank == 0)
+    log = loop.MetricsLog(output / "metrics.jsonl", enabled=rank == 0)
     run = DetectionRun(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, train_set=train_set,
                        val_set=val_set, output=output, dist_info=dist_info, label_map=label_map, log=log)
     return loop.run(loop.TrainingLoop(
         program="train.py", model=model, optimizer=optimizer, loss_fn=functools.partial(detection_losses, device=device),
-        batches=batches, lr_at=functools.partial(lr_at, base_lr=lr, max_iter=s.max_iter, steps=s.steps, gamma=s.gamma,
-                                                 warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor),
-        max_iter=s.max_iter, output=output, world_size=world_size, checkpoint=run.checkpoint, finish=run.finish,
-        log=log, evaluate=run.evaluate, eval_period=s.eval_period, checkpoint_period=s.checkpoint_period,
-        log_period=s.log_period, max_grad_norm=s.clip_grad_norm, all_reduce=all_reduce, scaler=scaler,
-        autocast=autocast), iteration)
+        batches=lambda iteration: iter(build_train_loader(
+            train_set, batch_size_per_rank=per_rank, seed=cfg.seed, rank=rank, world_size=world_size,
+            start=consumed_samples(iteration, per_rank, world_size), num_workers=cfg.data.num_workers)),
+        lr_at=functools.partial(lr_at, base_lr=lr, max_iter=s.max_iter, steps=s.steps, gamma=s.gamma,
+                                warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor),
+        max_iter=s.max_iter, output=output, dist_info=dist_info, checkpoint=run.checkpoint, finish=run.finish, log=log,
+        resume=resume, restore=functools.partial(restore, model=model, optimizer=optimizer, scaler=scaler,
+                                                 config_dict=config_dict, world_size=world_size),
+        evaluate=run.evaluate, eval_period=s.eval_period, checkpoint_period=s.checkpoint_period,
+        log_period=s.log_period, max_grad_norm=s.clip_grad_norm, scaler=scaler, autocast=autocast))
 
 
 def detection_losses(model, batch, *, device) -> dict:
@@ -304,7 +286,7 @@ def detection_losses(model, batch, *, device) -> dict:
     return model(images, targets)
 
 
-def restore(saved: dict, model, optimizer, scaler, config_dict: dict, world_size: int) -> None:
+def restore(saved: dict, *, model, optimizer, scaler, config_dict: dict, world_size: int) -> None:
     """Put a checkpoint's model, optimizer and loss scaler back; warn when the run's setup changed."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])

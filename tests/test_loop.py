@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from minimask.distributed import DistInfo
 from minimask.engine import loop
+
+ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def toy():
@@ -67,12 +70,12 @@ def run_toy(tmp_path, *, evaluate_draws=False, max_iter=6):
         terms["loss_l2"] = terms["loss_l2"] * (1 + 0.1 * torch.rand(()))
         return terms
 
-    log = loop.MetricsLog(tmp_path / "metrics.jsonl", 0, enabled=True)
+    log = loop.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
     code = loop.run(loop.TrainingLoop(
-        program="toy.py", model=model, optimizer=optimizer, loss_fn=noisy_loss, batches=batches(),
-        lr_at=lambda i: 0.1 * (i + 1) / max_iter, max_iter=max_iter, output=tmp_path, world_size=1,
+        program="toy.py", model=model, optimizer=optimizer, loss_fn=noisy_loss, batches=lambda start: batches(),
+        lr_at=lambda i: 0.1 * (i + 1) / max_iter, max_iter=max_iter, output=tmp_path, dist_info=ONE_PROCESS,
         checkpoint=lambda name, i: events.append((name, i)), finish=lambda i: events.append(("finish", i)), log=log,
-        evaluate=evaluate, eval_period=2, checkpoint_period=3, log_period=2), 0)
+        evaluate=evaluate, eval_period=2, checkpoint_period=3, log_period=2))
     return code, model, events
 
 
@@ -99,11 +102,11 @@ def test_run_stops_on_unreadable_data_with_one_line(tmp_path, capsys):
         yield next(batches())
         raise OSError("x.jpg: cannot decode image")
 
-    log = loop.MetricsLog(tmp_path / "metrics.jsonl", 0, enabled=True)
+    log = loop.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
     code = loop.run(loop.TrainingLoop(
-        program="toy.py", model=model, optimizer=optimizer, loss_fn=regression_loss, batches=broken(),
-        lr_at=lambda i: 0.1, max_iter=5, output=tmp_path, world_size=1, checkpoint=lambda name, i: None,
-        finish=lambda i: pytest.fail("a failed run does not finish"), log=log), 0)
+        program="toy.py", model=model, optimizer=optimizer, loss_fn=regression_loss, batches=lambda start: broken(),
+        lr_at=lambda i: 0.1, max_iter=5, output=tmp_path, dist_info=ONE_PROCESS, checkpoint=lambda name, i: None,
+        finish=lambda i: pytest.fail("a failed run does not finish"), log=log))
     assert code == loop.EXIT_USAGE
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
     assert last == "toy.py: error: loading the data for iteration 2 failed: x.jpg: cannot decode image"

@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from minimask.distributed import all_reduce_sum, barrier, reduce_dict_mean
+from minimask.distributed import (DistInfo, GradientAllReduce, all_reduce_sum, barrier, broadcast_parameters,
+                                  reduce_dict_mean)
 from minimask.engine.checkpoint import checkpoint_name, list_checkpoints, load_latest, rng_state, set_rng_state
 from minimask.engine.run_log import append_metrics, max_memory_mb, read_metrics, write_metrics
 from minimask.engine.solver import clip_grad_norm, grad_norm
@@ -88,51 +89,78 @@ class TrainingLoop:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss_fn: Callable  # (model, batch) -> dict of scalar tensors, see train_step
-    batches: Iterator  # endless; OSError / ValueError from next() mean unreadable data
+    batches: Callable[[int], Iterator]  # iteration to start at -> endless batches (OSError / ValueError: bad data)
     lr_at: Callable[[int], float]  # iteration -> learning rate
     max_iter: int
     output: Path
-    world_size: int
+    dist_info: DistInfo
     checkpoint: Callable[[str, int], None]  # (file name, iteration): save one (a collective)
     finish: Callable[[int], None]  # after the last iteration: final checkpoint, evaluation, ...
     log: MetricsLog  # metrics.jsonl; the script makes it, and logs its evaluations there too
+    resume: bool = False  # continue from the newest checkpoint in `output`
+    restore: Callable[[dict], None] | None = None  # puts a checkpoint's model and optimizer back (for resume)
     evaluate: Callable[[int], None] | None = None  # at every eval_period (not the last iteration, see finish)
     eval_period: int = 0
     checkpoint_period: int = 0
     log_period: int = 20
     max_grad_norm: float = 0.0
-    all_reduce: object = None  # minimask.distributed.GradientAllReduce when world_size > 1
     scaler: object = None  # torch.amp.GradScaler for fp16
     autocast: Callable = contextlib.nullcontext
 
 
-def run(loop: TrainingLoop, iteration: int) -> int:
-    """Train from `iteration` to loop.max_iter; returns the exit code (0, EXIT_DIVERGED or EXIT_USAGE)."""
+def run(loop: TrainingLoop) -> int:
+    """Resume where the run in loop.output stopped (with loop.resume), then train to loop.max_iter; returns the
+    exit code (0, EXIT_DIVERGED or EXIT_USAGE). Every process of the job calls it."""
+    world_size, rank = loop.dist_info.world_size, loop.dist_info.rank
+    saved, iteration = None, 0
+    if loop.resume:
+        try:
+            saved, iteration = resume(loop.output, loop.restore, world_size=world_size, device=loop.dist_info.device)
+        except ResumeError as e:
+            print(f"{loop.program}: error: {e}", file=sys.stderr)
+            teardown(world_size)
+            return EXIT_USAGE
+    if iteration >= loop.max_iter:
+        print(f"nothing to do: the run in {loop.output} already finished {iteration} iterations")
+        teardown(world_size)
+        return 0
+    all_reduce = None
+    if world_size > 1:
+        broadcast_parameters(loop.model)
+        all_reduce = GradientAllReduce([p for p in loop.model.parameters() if p.requires_grad])
+    batches = loop.batches(iteration)
+    if saved is not None:  # after making the batches, whose loader draws its base seed from the RNG
+        set_rng_state(saved["rng"][rank % len(saved["rng"])])  # this process's own stream (`gather_rng_states`)
+    loop.log.start(iteration)
+    return iterate(loop, iteration, batches, all_reduce)
+
+
+def iterate(loop: TrainingLoop, iteration: int, batches: Iterator, all_reduce=None) -> int:
+    """The loop itself, from `iteration` to loop.max_iter (see the module docstring); returns the exit code."""
     params = [p for p in loop.model.parameters() if p.requires_grad]
-    log = loop.log
+    log, world_size = loop.log, loop.dist_info.world_size
     bar = progress_bar(iteration, loop.max_iter, enabled=log.enabled)
     loop.model.train()
     with StopRequest() as stop:
         while iteration < loop.max_iter:
             try:
-                batch, data_sec = _timed_next(loop.batches)
+                batch, data_sec = _timed_next(batches)
             except (OSError, ValueError) as e:  # a missing or corrupt image, a size that disagrees with the JSON
                 # No teardown: the other processes wait in a collective; this one exiting ends their wait.
                 bar.close()  # first: the message on a line of its own
-                where = f" on rank {torch.distributed.get_rank()}" if loop.world_size > 1 else ""
+                where = f" on rank {loop.dist_info.rank}" if world_size > 1 else ""
                 print(f"{loop.program}: error: loading the data for iteration {iteration + 1}{where} failed: "
                       f"{last_line(e)}", file=sys.stderr)
                 return EXIT_USAGE
             for group in loop.optimizer.param_groups:
                 group["lr"] = loop.lr_at(iteration)
-            step = train_step(loop.model, batch, loop.loss_fn, loop.optimizer, params=params,
-                              all_reduce=loop.all_reduce, scaler=loop.scaler, autocast=loop.autocast,
-                              max_grad_norm=loop.max_grad_norm, stop=stop)
+            step = train_step(loop.model, batch, loop.loss_fn, loop.optimizer, params=params, all_reduce=all_reduce,
+                              scaler=loop.scaler, autocast=loop.autocast, max_grad_norm=loop.max_grad_norm, stop=stop)
             if step.bad_loss or step.bad_grad:
                 bar.close()
                 print(f"{loop.program}: error: {describe_divergence(loop.model, step.terms, step.bad_loss, iteration + 1)}"
                       f"; stopping (the last checkpoint in {loop.output} is kept)", file=sys.stderr)
-                teardown(loop.world_size)
+                teardown(world_size)
                 return EXIT_DIVERGED
             iteration += 1
             bar.update(1)
@@ -146,7 +174,7 @@ def run(loop: TrainingLoop, iteration: int) -> int:
                 bar.close()
                 print(f"received {stop.signal_name or 'a stop request'}: saved a checkpoint at iteration {iteration} "
                       f"in {loop.output}; rerun with --resume to continue")
-                teardown(loop.world_size)
+                teardown(world_size)
                 return 0
             if not last and loop.checkpoint_period and iteration % loop.checkpoint_period == 0:
                 loop.checkpoint(checkpoint_name(iteration), iteration)
@@ -157,7 +185,7 @@ def run(loop: TrainingLoop, iteration: int) -> int:
     bar.close()
     with same_random_stream():
         loop.finish(iteration)
-    teardown(loop.world_size)
+    teardown(world_size)
     return 0
 
 
@@ -194,17 +222,13 @@ def resume(output: Path, restore: Callable[[dict], None], *, world_size: int, de
 
 
 def gather_rng_states(world_size: int) -> list[dict]:
-    """Every process's random state, in rank order, so that each one resumes its own stream (a collective)."""
+    """Every process's random state, in rank order, so that each one resumes its own stream (a collective; `run`
+    restores the one of its rank)."""
     if world_size == 1:
         return [rng_state()]
     states = [None] * world_size
     torch.distributed.all_gather_object(states, rng_state())
     return states
-
-
-def restore_rng(saved: dict, rank: int) -> None:
-    """This process's own random stream from a checkpoint (the states of `gather_rng_states`)."""
-    set_rng_state(saved["rng"][rank % len(saved["rng"])])
 
 
 @contextlib.contextmanager
@@ -238,15 +262,18 @@ class MetricsLog:
     "loss" terms), "lr", "sec_per_iter", "data_sec" and "max_mem_mb".
     """
 
-    def __init__(self, path: Path, start_iter: int, *, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.history = read_metrics(path, before=start_iter) if enabled else []
-        if enabled:
-            write_metrics(path, self.history)  # drop lines a crashed run logged after its last checkpoint
+    def __init__(self, path: Path, *, enabled: bool):
+        self.path, self.enabled, self.history = path, enabled, []
         self._new_window()
 
+    def start(self, iteration: int) -> None:
+        """Continue the run's file at `iteration`: lines a crashed run logged after its last checkpoint go."""
+        if self.enabled:
+            self.history = read_metrics(self.path, before=iteration)
+            write_metrics(self.path, self.history)
+
     def _new_window(self) -> None:
-        self.sums, self.iters, self.data_sec, self.start = {}, 0, 0.0, time.perf_counter()
+        self.sums, self.iters, self.data_sec, self.clock = {}, 0, 0.0, time.perf_counter()
 
     def add(self, terms: dict[str, Tensor], data_sec: float) -> None:
         for name, value in terms.items():
@@ -258,7 +285,7 @@ class MetricsLog:
         means = {k: float(v) for k, v in reduce_dict_mean({k: v / self.iters for k, v in self.sums.items()}).items()}
         device = next(iter(self.sums.values())).device if self.sums else torch.device("cpu")
         record = {"iter": iteration, "kind": "train", "loss": sum(v for k, v in means.items() if k.startswith("loss")),
-                  **means, "lr": lr, "sec_per_iter": (time.perf_counter() - self.start) / self.iters,
+                  **means, "lr": lr, "sec_per_iter": (time.perf_counter() - self.clock) / self.iters,
                   "data_sec": self.data_sec / self.iters, "max_mem_mb": max_memory_mb(device)}
         self.append(record)
         self._new_window()
@@ -269,7 +296,7 @@ class MetricsLog:
             append_metrics(self.path, record, self.history)
 
     def restart_clock(self) -> None:
-        self.start = time.perf_counter()
+        self.clock = time.perf_counter()
 
 
 def progress_bar(initial: int, total: int, *, enabled: bool):
