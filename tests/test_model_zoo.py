@@ -464,7 +464,7 @@ def test_torchvision_checkpoint_for_init_checkpoint_and_evaluate_py(tmp_path):
     cfg = get_config(PRESETS["v1"])
     model = build_model(cfg)
     load_initial_weights(model, "checkpoint", str(tmp_path / "tv.pth"))
-    state = evaluate.read_weights(str(tmp_path / "tv.pth"), cfg)
+    state = evaluate.read_detector_state(str(tmp_path / "tv.pth"), cfg)
     for name, value in model.state_dict().items():
         assert torch.equal(value, reference[name]), name
         assert torch.equal(state[name], reference[name]), name

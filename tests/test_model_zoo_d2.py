@@ -259,7 +259,7 @@ def test_from_checkpoint_pkl_and_init_checkpoint(tmp_path):
     # evaluate.py --weights: the same conversion (its model keeps the checkpoint's label map)
     import evaluate
 
-    converted = evaluate.read_weights(str(path), get_config("d2_mask_rcnn_R_50_FPN_3x"))
+    converted = evaluate.read_detector_state(str(path), get_config("d2_mask_rcnn_R_50_FPN_3x"))
     reference = model.state_dict()
     assert set(converted) == set(reference)
     assert all(torch.equal(converted[k], reference[k]) for k in reference)
