@@ -243,7 +243,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_ids = [c["id"] for c in cats]
         self.category_names = [c["name"] for c in cats]
         self.num_classes = len(cats)
-        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}  # 0 stays background
 
         kp_names = {tuple(c["keypoints"]) for c in cats if c.get("keypoints")}
         if keypoints is None:
@@ -258,7 +257,30 @@ class CocoDetection(torch.utils.data.Dataset):
         self.has_masks = any("segmentation" in a for a in data["annotations"] if not a["iscrowd"])
 
         self._images = {img["id"]: img for img in data["images"]}
-        self._instances = {img_id: [] for img_id in self._images}  # image id -> [(box, label, segm, kps)]
+        self._instances, self.stats = self._index_instances(data, keypoint_categories)
+        self.ids = sorted(i for i, inst in self._instances.items() if inst or not filter_empty)
+        if self.keypoints and min_keypoints_per_image > 0:
+            def visible(img_id):
+                return sum(sum(v > 0 for v in kps[2::3]) for _, _, _, kps in self._instances[img_id])
+
+            kept = [i for i in self.ids if visible(i) >= min_keypoints_per_image]
+            self.stats["few_keypoints_images"] = len(self.ids) - len(kept)
+            self.ids = kept
+        self.stats["kept_images"] = len(self.ids)
+        stats = self.stats
+        dropped = stats["degenerate"] + stats["invalid_segmentation"]
+        logger.log(logging.WARNING if dropped else logging.INFO,
+                   "%s: kept %d of %d images (%d left out with fewer than %d visible keypoints), %d of %d "
+                   "annotations (dropped: %d crowd, %d degenerate boxes, %d without a valid segmentation; kept: %d "
+                   "without visible keypoints)", self.ann_file, stats["kept_images"], stats["images"],
+                   stats["few_keypoints_images"], min_keypoints_per_image, stats["kept_annotations"],
+                   stats["annotations"], stats["crowd"], stats["degenerate"], stats["invalid_segmentation"],
+                   stats["no_visible_keypoints"])
+
+    def _index_instances(self, data: dict, keypoint_categories: set) -> tuple[dict, dict]:
+        """{image id: [(box xyxy, label, segmentation, keypoints)]} of the usable instances, and the counts."""
+        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}  # 0 stays background
+        instances = {img_id: [] for img_id in self._images}
         stats = dict(images=len(self._images), kept_images=0, annotations=len(data["annotations"]),
                      kept_annotations=0, crowd=0, degenerate=0, invalid_segmentation=0, no_visible_keypoints=0,
                      few_keypoints_images=0, skipped_images=0)
@@ -285,26 +307,9 @@ class CocoDetection(torch.utils.data.Dataset):
                     kps = [0.0] * (3 * self.num_keypoints)  # all unlabelled (v = 0): no keypoint loss
                 if ann["category_id"] in keypoint_categories and max(kps[2::3]) <= 0:
                     stats["no_visible_keypoints"] += 1  # kept: such persons still train the box and mask heads
-            self._instances[img["id"]].append((box, label_of[ann["category_id"]], segm, kps))
+            instances[img["id"]].append((box, label_of[ann["category_id"]], segm, kps))
             stats["kept_annotations"] += 1
-        self.ids = sorted(i for i, inst in self._instances.items() if inst or not filter_empty)
-        if self.keypoints and min_keypoints_per_image > 0:
-            def visible(img_id):
-                return sum(sum(v > 0 for v in kps[2::3]) for _, _, _, kps in self._instances[img_id])
-
-            kept = [i for i in self.ids if visible(i) >= min_keypoints_per_image]
-            stats["few_keypoints_images"] = len(self.ids) - len(kept)
-            self.ids = kept
-        stats["kept_images"] = len(self.ids)
-        self.stats = stats
-        dropped = stats["degenerate"] + stats["invalid_segmentation"]
-        logger.log(logging.WARNING if dropped else logging.INFO,
-                   "%s: kept %d of %d images (%d left out with fewer than %d visible keypoints), %d of %d "
-                   "annotations (dropped: %d crowd, %d degenerate boxes, %d without a valid segmentation; kept: %d "
-                   "without visible keypoints)", self.ann_file, stats["kept_images"], stats["images"],
-                   stats["few_keypoints_images"], min_keypoints_per_image, stats["kept_annotations"],
-                   stats["annotations"], stats["crowd"], stats["degenerate"], stats["invalid_segmentation"],
-                   stats["no_visible_keypoints"])
+        return instances, stats
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -71,33 +71,7 @@ def draw_detections(image, detections: dict, class_names=None, score_threshold: 
     """
     canvas = to_uint8_hwc(image)
     height, width = canvas.shape[:2]
-    boxes = _numpy(detections.get("boxes"), "boxes")
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"detections['boxes'] must have shape (N, 4), got {boxes.shape}")
-    n = boxes.shape[0]
-    labels = _numpy(detections.get("labels"), "labels").astype(np.int64).reshape(-1)
-    scores = detections.get("scores")
-    scores = np.ones(n, np.float32) if scores is None else _numpy(scores, "scores").reshape(-1)
-    if labels.shape[0] != n or scores.shape[0] != n:
-        raise ValueError(f"detections have {n} boxes but {labels.shape[0]} labels and {scores.shape[0]} scores")
-    masks = detections.get("masks")
-    if masks is not None:
-        masks = masks.detach().cpu().numpy() if torch.is_tensor(masks) else np.asarray(masks)
-        if masks.ndim == 4 and masks.shape[1] == 1:
-            masks = masks[:, 0]  # the model's (N, 1, H, W)
-        if masks.shape != (n, height, width):
-            raise ValueError(f"detections['masks'] must have shape ({n}, {height}, {width}), got {masks.shape}")
-        masks = masks > MASK_THRESHOLD if np.issubdtype(masks.dtype, np.floating) else masks != 0  # (N, H, W)
-    keypoints = detections.get("keypoints")
-    if keypoints is not None:
-        keypoints = _numpy(keypoints, "keypoints")
-        if keypoints.ndim != 3 or keypoints.shape[0] != n or keypoints.shape[2] != 3:
-            raise ValueError(f"detections['keypoints'] must have shape ({n}, P, 3), got {keypoints.shape}")
-        visible = keypoints[:, :, 2] > 0  # (N, P)
-        if detections.get("keypoints_scores") is not None:
-            visible &= _numpy(detections["keypoints_scores"], "keypoints_scores").reshape(visible.shape) \
-                >= keypoint_threshold
-
+    boxes, labels, scores, masks, keypoints, visible = _checked_fields(detections, height, width, keypoint_threshold)
     order = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_threshold]  # low scores first
     colors = instance_colors(len(order))
     if masks is not None:
@@ -136,6 +110,38 @@ def draw_detections(image, detections: dict, class_names=None, score_threshold: 
         draw.rectangle([x, y, x + tw, y + th], fill=color)
         draw.text((x + 1 - left, y + 1 - top), text, fill=(0, 0, 0), font=font)
     return out
+
+
+def _checked_fields(detections: dict, height: int, width: int, keypoint_threshold: float) -> tuple:
+    """(boxes, labels, scores, masks, keypoints, visible) of `detections` as numpy arrays (masks binarised, the
+    last three None where absent); ValueError names a field whose shape disagrees."""
+    boxes = _numpy(detections.get("boxes"), "boxes")
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"detections['boxes'] must have shape (N, 4), got {boxes.shape}")
+    n = boxes.shape[0]
+    labels = _numpy(detections.get("labels"), "labels").astype(np.int64).reshape(-1)
+    scores = detections.get("scores")
+    scores = np.ones(n, np.float32) if scores is None else _numpy(scores, "scores").reshape(-1)
+    if labels.shape[0] != n or scores.shape[0] != n:
+        raise ValueError(f"detections have {n} boxes but {labels.shape[0]} labels and {scores.shape[0]} scores")
+    masks = detections.get("masks")
+    if masks is not None:
+        masks = masks.detach().cpu().numpy() if torch.is_tensor(masks) else np.asarray(masks)
+        if masks.ndim == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]  # the model's (N, 1, H, W)
+        if masks.shape != (n, height, width):
+            raise ValueError(f"detections['masks'] must have shape ({n}, {height}, {width}), got {masks.shape}")
+        masks = masks > MASK_THRESHOLD if np.issubdtype(masks.dtype, np.floating) else masks != 0  # (N, H, W)
+    keypoints = visible = detections.get("keypoints")
+    if keypoints is not None:
+        keypoints = _numpy(keypoints, "keypoints")
+        if keypoints.ndim != 3 or keypoints.shape[0] != n or keypoints.shape[2] != 3:
+            raise ValueError(f"detections['keypoints'] must have shape ({n}, P, 3), got {keypoints.shape}")
+        visible = keypoints[:, :, 2] > 0  # (N, P)
+        if detections.get("keypoints_scores") is not None:
+            visible &= _numpy(detections["keypoints_scores"], "keypoints_scores").reshape(visible.shape) \
+                >= keypoint_threshold
+    return boxes, labels, scores, masks, keypoints, visible
 
 
 def class_names_for(model, dataset=None) -> list[str] | None:
