@@ -83,21 +83,32 @@ def test_nms_ties_keep_lower_index_first():
         assert nms(boxes, scores, thr).tolist() == brute_nms(boxes, scores, thr)
 
 
-def test_nms_across_tiles(monkeypatch):
-    import minimask.ops.boxes as boxes_mod
+def test_nms_equals_its_readable_definition():
+    from minimask.ops.boxes import nms_reference
 
-    monkeypatch.setattr(boxes_mod, "_NMS_TILE", 7)
-    boxes = random_boxes(50, size=60, seed=6)
-    scores = torch.rand(50, generator=torch.Generator().manual_seed(7))
-    assert nms(boxes, scores, 0.4).tolist() == brute_nms(boxes, scores, 0.4)
+    for seed in range(5):
+        boxes = random_boxes(120, size=70, seed=20 + seed)
+        scores = (torch.rand(120, generator=torch.Generator().manual_seed(seed)) * 10).round()  # ties
+        for thr in (0.2, 0.5, 0.7):
+            assert nms(boxes, scores, thr).tolist() == nms_reference(boxes, scores, thr).tolist()
+
+
+def test_long_suppression_chain():
+    """Boxes each overlapping the next (a chain of 40): the kept set alternates, and it takes the fixed-point
+    iteration as many rounds as the chain is long."""
+    x = torch.arange(40, dtype=torch.float32) * 4  # boxes 10 wide, 4 apart: IoU of neighbours 6/14, next 2/18
+    boxes = torch.stack([x, torch.zeros(40), x + 10, torch.full((40,), 10.0)], dim=1)
+    scores = torch.linspace(1, 0.1, 40)
+    assert nms(boxes, scores, 0.4).tolist() == brute_nms(boxes, scores, 0.4) == list(range(0, 40, 2))
 
 
 @pytest.mark.parametrize("num_groups", [1, 3, 40])
-def test_batched_nms_across_tiles_and_groups(monkeypatch, num_groups):
-    """Groups that start inside a tile, span several tiles, or hold one box; tied scores across groups."""
+def test_batched_nms_in_chunks_of_groups(monkeypatch, num_groups):
+    """Groups of every size, processed a few at a time (a tiny pair budget forces one group per chunk); tied
+    scores across groups."""
     import minimask.ops.boxes as boxes_mod
 
-    monkeypatch.setattr(boxes_mod, "_NMS_TILE", 5)
+    monkeypatch.setattr(boxes_mod, "_NMS_PAIRS", 30)
     boxes = random_boxes(90, size=40, seed=11)
     scores = (torch.rand(90, generator=torch.Generator().manual_seed(12)) * 8).round() / 8  # many ties
     idxs = torch.randint(0, num_groups, (90,), generator=torch.Generator().manual_seed(13)) * 7 - 20

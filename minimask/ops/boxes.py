@@ -5,7 +5,10 @@ pixel coordinates, so a box covering pixels 0..9 horizontally spans x1 = 0, x2 =
 with no "+1". A batch of boxes is an (N, 4) tensor.
 
 `box_iou`, `nms` and `batched_nms` have the signatures and semantics of the torchvision functions of the same
-names, so either can stand in for the other.
+names, so either can stand in for the other. Greedy NMS is sequential by definition (`nms_reference`); `nms` computes
+the same kept set as a fixed point of a few large tensor operations (`_greedy_nms`), because a scan over the boxes
+launches a small operation and waits for the device per box or tile of boxes (one sync per call here against
+~180 per training step of R50-FPN for the blocked scan it replaced; BENCHMARKS.md, "Operation counts").
 
 NaN coordinates are not checked for (that would cost a GPU sync): a box with a NaN coordinate has NaN area and NaN
 IoU with everything; NaN compares false, so such a box never suppresses another and is never suppressed in NMS.
@@ -14,9 +17,9 @@ NaN scores sort as larger than every number (torch.sort's rule).
 import torch
 from torch import Tensor
 
-# Boxes resolved per step of the blocked NMS: large enough to amortise the per-tile overhead, small enough that
-# the sequential scan over a (T, T) matrix stays cheap.
-_NMS_TILE = 256
+# Box pairs whose IoU the NMS holds at once (a few float temporaries of this size): larger problems are split into
+# chunks of whole groups.
+_NMS_PAIRS = 2**25
 
 
 def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
@@ -82,45 +85,47 @@ def _check_nms_args(boxes: Tensor, scores: Tensor) -> None:
         raise ValueError(f"boxes and scores differ in length: {boxes.shape[0]} boxes, {scores.shape[0]} scores")
 
 
-def _greedy_nms(boxes: Tensor, iou_threshold: float, groups: Tensor | None) -> Tensor:
-    """Greedy NMS over boxes already sorted by decreasing score (and, with `groups`, grouped: each group's boxes
-    contiguous, by decreasing score within it); returns a (N,) bool mask of the kept boxes.
+def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS by its definition, one box at a time (slow; the test oracle of `nms`): visit the boxes by
+    decreasing score (ties in input order) and keep a box unless a kept box overlaps it with IoU > iou_threshold."""
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    kept = []
+    for i in order:
+        if not kept or not (_pairwise_iou(boxes[i:i + 1], boxes[kept]) > iou_threshold).any():
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.int64, device=boxes.device)
 
-    Box i is kept unless a kept box j < i of the same group overlaps it with IoU > iou_threshold. Blocked
-    algorithm: boxes are visited a tile at a time; a tile is first tested against the boxes kept so far that can
-    suppress it (one (T, K) IoU matrix on the boxes' device; with groups, only the kept boxes of the tile's first
-    group, since every later group of the tile starts inside it), and only then resolved internally by the
-    inherently sequential greedy scan, which runs on the CPU over a small (T, T) "suppresses" matrix. IoU is
-    computed only against kept boxes, O(N * (K + T)) instead of O(N^2), and the device is synced once per tile.
+
+def _greedy_nms(boxes: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS of G independent groups at once, without a sequential scan: boxes (G, M, 4), each group sorted by
+    decreasing score (padding: all-zero boxes, which never suppress anything) -> (G, M) bool, the kept boxes.
+
+    Box i of a group is kept exactly when no kept box j < i of its group overlaps it with IoU > iou_threshold, so the
+    kept set is the fixed point of keep = not any_j (suppresses[j, i] and keep[j]). Starting from all boxes, each
+    round fixes at least the first box that was still undecided, and in practice a handful of rounds (the longest
+    chain of boxes suppressing each other) settle everything: a few large tensor operations per round and one host
+    sync every two rounds, instead of a scan over the boxes.
     """
-    n = boxes.shape[0]
-    keep = torch.zeros(n, dtype=torch.bool)
-    kept = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    if groups is not None:  # first index of each box's group (one transfer; groups are sorted)
-        group_ids = groups.cpu()
-        group_first = torch.searchsorted(group_ids, group_ids).tolist()
-    for start in range(0, n, _NMS_TILE):
-        stop = min(start + _NMS_TILE, n)
-        tile = boxes[start:stop]  # (T, 4)
-        window = 0 if groups is None else group_first[start]  # earlier boxes that may share a group with the tile
-        earlier = boxes[window:start][kept[window:start]]  # (K, 4)
-        # Removed by an earlier kept box?
-        hits = _pairwise_iou(tile, earlier) > iou_threshold  # (T, K)
-        if groups is not None:
-            hits &= groups[start:stop, None] == groups[window:start][kept[window:start]][None, :]
-        alive = (~hits.any(dim=1)).cpu().numpy()  # (T,)
-        # suppresses[i, j]: tile box i removes tile box j if i is kept. Only j > i counts (a box never removes itself
-        # or a higher-scoring box), hence the strict upper triangle.
-        suppresses = _pairwise_iou(tile, tile) > iou_threshold  # (T, T)
-        if groups is not None:
-            suppresses &= groups[start:stop, None] == groups[None, start:stop]
-        suppresses = suppresses.triu_(diagonal=1).cpu().numpy()
-        for i in range(stop - start):
-            if alive[i]:
-                alive &= ~suppresses[i]
-        keep[start:stop] = torch.from_numpy(alive)
-        kept[start:stop] = keep[start:stop].to(kept.device)
-    return keep
+    suppresses = _pairwise_iou_grouped(boxes) > iou_threshold  # (G, M, M): j suppresses i if j is kept, j < i
+    suppresses.triu_(diagonal=1)
+    keep = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # (G, M)
+    while True:
+        once = ~(suppresses & keep[:, :, None]).any(dim=1)
+        twice = ~(suppresses & once[:, :, None]).any(dim=1)
+        if torch.equal(once, twice):  # the fixed point
+            return once
+        keep = twice
+
+
+def _pairwise_iou_grouped(boxes: Tensor) -> Tensor:
+    """IoU of every pair within each group: (G, M, 4) -> (G, M, M), in at least fp32."""
+    boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
+    x1, y1, x2, y2 = boxes.unbind(dim=2)  # each (G, M)
+    area = (x2 - x1) * (y2 - y1)  # (G, M)
+    width = (torch.min(x2[:, :, None], x2[:, None, :]) - torch.max(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
+    height = (torch.min(y2[:, :, None], y2[:, None, :]) - torch.max(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    inter = width.mul_(height)  # (G, M, M)
+    return inter / (area[:, :, None] + area[:, None, :] - inter)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -152,14 +157,29 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
 
 def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, groups: Tensor | None) -> Tensor:
-    if boxes.shape[0] == 0:
+    """`batched_nms` (every box one group when `groups` is None): the groups are laid out side by side, each padded
+    to the largest, and suppressed all at once by `_greedy_nms` (in chunks of whole groups for large problems)."""
+    n = boxes.shape[0]
+    if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices  # (N,)
-    if groups is None:
-        return order[_greedy_nms(boxes[order], iou_threshold, None).to(order.device)]
-    # Group-major order (by decreasing score within a group), so that a box meets only its own group's kept boxes;
-    # then back to decreasing score over all groups, ties in input order.
-    order = order[torch.sort(groups[order], stable=True).indices]  # (N,)
-    keep = order[_greedy_nms(boxes[order], iou_threshold, groups[order]).to(order.device)]  # (K,)
-    keep = keep.sort().values
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+    if groups is not None:  # group-major, by decreasing score within each group
+        order = order[torch.sort(groups[order], stable=True).indices]
+        sorted_groups = groups[order]
+        first = torch.cat([sorted_groups.new_ones(1, dtype=torch.bool), sorted_groups[1:] != sorted_groups[:-1]])
+    else:
+        first = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+        first[0] = True
+    position = torch.arange(n, device=boxes.device)
+    group = first.cumsum(0) - 1  # (N,) 0..G-1
+    slot = position - torch.cummax(torch.where(first, position, 0), dim=0).values  # (N,) rank within the group
+    num_groups, size = (int(v) for v in torch.stack([group[-1] + 1, slot.max() + 1]).tolist())  # the one sync
+    padded = boxes.new_zeros(num_groups, size, 4)  # (G, M, 4); zero boxes never overlap anything
+    padded[group, slot] = boxes[order]
+    per_chunk = max(1, _NMS_PAIRS // (size * size))
+    keep = torch.cat([_greedy_nms(chunk, iou_threshold) for chunk in padded.split(per_chunk)])  # (G, M)
+    kept = order[keep[group, slot]]  # (K,)
+    if groups is not None:  # back to decreasing score over all groups, ties in input order
+        kept = kept.sort().values
+        kept = kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+    return kept
