@@ -9,8 +9,9 @@ one inference. The rules (BENCHMARKS.md, "Operation counts"):
 - kernels: the ops that launch a kernel on a GPU, i.e. all but views (`OpOverload.is_view`, `_unsafe_view`),
   `empty*` / `new_empty*`, `detach` and `lift_fresh`;
 - syncs: the ops after which the host waits for the device: `_local_scalar_dense` (`.item()`, `bool(t)`, ...),
-  `nonzero`, `masked_select`, `unique*`, `repeat_interleave` without `output_size`, `index` / `index_put_` with a
-  boolean index; and copies of results to the host (`.tolist()`, `.numpy()`, `.cpu()`, seen by a function mode).
+  `equal` (a Python bool), `nonzero`, `masked_select`, `unique*`, `bincount` (its length is the data's maximum),
+  `repeat_interleave` with a tensor of repeats and no `output_size`, `index` / `index_put_` with a boolean index;
+  and copies of results to the host (`.tolist()`, `.numpy()`, `.cpu()`, seen by a function mode).
 
     python benchmarks/count_ops.py --config r50_fpn_gn --size 512 683 --batch 1
     python benchmarks/count_ops.py --config demo --size 144 192 --batch 4
@@ -37,8 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NO_KERNEL = {"_unsafe_view", "detach", "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
-            "unique_consecutive", "unique_dim_consecutive"}
+SYNC_OPS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+            "unique_consecutive", "unique_dim_consecutive", "bincount"}
 HOST_COPIES = {"tolist", "numpy", "cpu"}
 
 
@@ -51,8 +52,8 @@ def synchronizes(func, args, kwargs) -> bool:
     name = func._overloadpacket.__name__
     if name in SYNC_OPS:
         return True
-    if name == "repeat_interleave":
-        return kwargs.get("output_size") is None
+    if name == "repeat_interleave":  # an int of repeats (overload self_int) needs no sync
+        return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
@@ -119,7 +120,10 @@ def minimask_phases(config: str, height: int, width: int, batch: int, overrides:
     import minimask
     from benchmarks.bench_model import make_batch
     from minimask.distributed import all_reduce_sum
-    from minimask.engine.solver import build_optimizer, grad_norm
+    try:
+        from minimask.engine.solver import build_optimizer, grad_norm
+    except ImportError:  # the layout before minimask/engine/ (to count an older checkout the same way)
+        from minimask.solver import build_optimizer, grad_norm
 
     torch.manual_seed(0)
     cfg = minimask.get_config(config, overrides)
