@@ -68,7 +68,7 @@ def test_box_filled_mask_gives_all_ones_and_batch_index_selects_gt():
     gt = torch.zeros(2, 50, 60, dtype=torch.uint8)
     gt[0, 5:47, 10:38] = 1  # GT 0 is exactly box (10, 5, 38, 47); GT 1 is empty
     boxes = torch.tensor([[10.0, 5.0, 38.0, 47.0], [10.0, 5.0, 38.0, 47.0], [0.0, 0.0, 60.0, 50.0]])
-    targets = mask_targets(gt, boxes, torch.tensor([0, 1, 1]), 28)
+    targets = mask_targets([gt], [boxes], [torch.tensor([0, 1, 1])], 28)
     assert targets.shape == (3, 28, 28) and targets.dtype == torch.float32
     assert torch.equal(targets[0], torch.ones(28, 28))
     assert torch.equal(targets[1:], torch.zeros(2, 28, 28))
@@ -79,21 +79,36 @@ def test_half_filled_mask_gives_left_and_top_halves():
     gt[0, 4:60, 8:36] = True  # left half of box (8, 4, 64, 60)
     gt[1, 4:32, 8:64] = True  # top half of the same box
     boxes = torch.tensor([[8.0, 4.0, 64.0, 60.0]] * 2)
-    targets = mask_targets(gt, boxes, torch.tensor([0, 1]), 28)
+    targets = mask_targets([gt], [boxes], [torch.tensor([0, 1])], 28)
     expected_left = torch.zeros(28, 28)
     expected_left[:, :14] = 1
     assert torch.equal(targets[0], expected_left)
     assert torch.equal(targets[1], expected_left.T)
 
 
+def test_images_of_different_sizes_in_one_call_equal_one_call_each():
+    g = torch.Generator().manual_seed(3)
+    gts = [torch.rand(3, 40, 60, generator=g) > 0.5, torch.rand(2, 70, 30, generator=g) > 0.5,
+           torch.zeros(0, 20, 20, dtype=torch.bool)]
+    boxes = [torch.tensor([[2.0, 3.0, 50.0, 30.0], [10.0, 0.0, 20.0, 40.0]]), torch.tensor([[0.0, 5.0, 29.0, 66.0]]),
+             torch.zeros(0, 4)]
+    matched = [torch.tensor([2, 0]), torch.tensor([1]), torch.zeros(0, dtype=torch.long)]
+    together = mask_targets(gts, boxes, matched, 28)
+    one_by_one = torch.cat([mask_targets([m], [b], [i], 28) for m, b, i in zip(gts, boxes, matched)])
+    assert together.shape == (3, 28, 28) and torch.equal(together, one_by_one)
+    soft = mask_targets(gts, boxes, matched, 28, aligned=False, binarize=False)
+    assert torch.equal(soft, torch.cat([mask_targets([m], [b], [i], 28, aligned=False, binarize=False)
+                                        for m, b, i in zip(gts, boxes, matched)]))
+
+
 def test_targets_empty_inputs_and_errors():
     gt = torch.zeros(0, 20, 30, dtype=torch.uint8)
-    assert mask_targets(gt, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 28).shape == (0, 28, 28)
+    assert mask_targets([gt], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)], 28).shape == (0, 28, 28)
     assert polygon_mask_targets([], torch.zeros(0, 4), 28).shape == (0, 28, 28)
     with pytest.raises(ValueError, match="gt_masks is empty"):
-        mask_targets(gt, torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), 28)
+        mask_targets([gt], [torch.zeros(1, 4)], [torch.zeros(1, dtype=torch.long)], 28)
     with pytest.raises(ValueError, match="matched_idxs"):
-        mask_targets(torch.zeros(1, 20, 30), torch.zeros(2, 4), torch.zeros(3, dtype=torch.long), 28)
+        mask_targets([torch.zeros(1, 20, 30)], [torch.zeros(2, 4)], [torch.zeros(3, dtype=torch.long)], 28)
     with pytest.raises(ValueError, match="polygons has 1 entries"):
         polygon_mask_targets([[]], torch.zeros(2, 4), 28)
 
@@ -121,7 +136,7 @@ def test_polygon_targets_agree_with_bitmap_targets():
     tight = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]])
     boxes = torch.cat([tight, tight + torch.tensor([[-4.0, 3.0, 2.5, 6.0]]), tight + torch.tensor([[5.0, -2, -3, 1]])])
     from_polygons = polygon_mask_targets([[polygon]] * 3, boxes, 28)
-    from_bitmap = mask_targets(bitmap[None], boxes, torch.zeros(3, dtype=torch.long), 28)
+    from_bitmap = mask_targets([bitmap[None]], [boxes], [torch.zeros(3, dtype=torch.long)], 28)
     inter = (from_polygons * from_bitmap).sum(dim=(1, 2))
     union = ((from_polygons + from_bitmap) > 0).sum(dim=(1, 2))
     assert (from_bitmap.sum(dim=(1, 2)) > 200).all()

@@ -152,8 +152,8 @@ def test_chunks_respect_the_memory_budget(monkeypatch):
     rois = _random_rois(60, 1, 40, 50, 0.25, gen).float()
     for sr in (2, 0):
         seen = []
-        for ids, idx, wts in roi_align_module._sampling_chunks(rois, (1, 40, 50), (7, 7), 0.25, sr, True,
-                                                               torch.int32):
+        maps = roi_align_module._maps_of(rois, torch.zeros(len(rois), dtype=torch.int64), [0.25], [(1, 40, 50)], True)
+        for ids, idx, wts in roi_align_module._sampling_chunks(maps, (7, 7), sr, 40 * 50, torch.int32):
             assert idx.shape == wts.shape and idx.shape[0] == len(ids) * 49
             assert idx.numel() <= 5000 or len(ids) == 1
             seen += ids.tolist()

@@ -270,7 +270,7 @@ def test_polygon_targets_after_transforms_agree_with_bitmap_targets():
     image = torch.rand(3, h, w)
     _, moved = hflip(*resize(image, target, (90, 120)))
     from_polygons = polygon_mask_targets(moved["polygons"], moved["boxes"], 28)
-    from_bitmaps = mask_targets(moved["masks"], moved["boxes"], torch.tensor([0, 1]), 28)
+    from_bitmaps = mask_targets([moved["masks"]], [moved["boxes"]], [torch.tensor([0, 1])], 28)
     for a, b in zip(from_polygons, from_bitmaps):
         iou = (a * b).sum() / ((a + b) > 0).sum()
         assert iou > 0.9, iou

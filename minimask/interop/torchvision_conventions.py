@@ -62,12 +62,12 @@ class TorchvisionRoIHeads(RoIHeads):
                                                        self.detections_per_image, min_size=MIN_BOX_SIZE)
         return boxes, scores, labels
 
-    def _mask_targets(self, foreground: RoISamples, target: dict) -> Tensor:
-        if "masks" not in target:
+    def _mask_targets(self, foreground: list[RoISamples], targets) -> Tensor:
+        if any("masks" not in t for t in targets):
             raise ValueError("torchvision's soft mask targets are computed from bitmaps, but a target carries only "
                              "polygons: load the data with input.mask_format=bitmask")
-        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size,
-                            aligned=False, binarize=False)
+        return mask_targets([t["masks"] for t in targets], [s.boxes for s in foreground],
+                            [s.matched_idxs for s in foreground], self.mask_size, aligned=False, binarize=False)
 
     def _paste_masks(self, probs: Tensor, boxes: Tensor, image_size) -> Tensor:
         return paste_masks_legacy(probs, boxes, image_size)

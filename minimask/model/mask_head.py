@@ -32,7 +32,7 @@ from minimask.distributed import global_normalizer
 from minimask.model.norm import get_norm
 from minimask.model.weight_init import c2_msra_fill
 from minimask.ops.boxes import check_boxes
-from minimask.ops.roi_align import roi_align
+from minimask.ops.roi_align_sparse import roi_align_sparse
 
 # Bytes allowed for the (n, h, w) float temporary of one paste chunk; detectron2 uses ~1 GB for its whole paste.
 PASTE_CHUNK_BYTES = 256 * 1024 * 1024
@@ -98,40 +98,48 @@ def _float_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
 
 
-def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: int, *, aligned: bool = True,
-                 binarize: bool = True) -> Tensor:
-    """Binary S x S mask targets of RoIs from full-image GT bitmaps (detectron2 `BitMasks.crop_and_resize`).
+def mask_targets(gt_masks: list[Tensor], boxes: list[Tensor], matched_idxs: list[Tensor], size: int, *,
+                 aligned: bool = True, binarize: bool = True) -> Tensor:
+    """Binary S x S mask targets of the RoIs of a batch from full-image GT bitmaps (detectron2
+    `BitMasks.crop_and_resize`), all images in one RoIAlign.
 
     aligned=False, binarize=False gives torchvision's soft targets instead (`project_masks_on_boxes`: RoIAlign
     without the half-pixel shift, values in [0, 1] used as BCE targets as they are).
 
     Args:
-        gt_masks: (G, H, W) uint8/bool, or float coverage in [0, 1] (masks of a resized image), the
-            image's GT masks at full image resolution.
-        boxes: (R, 4) RoIs (the foreground proposals) in image pixels.
-        matched_idxs: (R,) int64, index into gt_masks of each RoI's GT; must lie in [0, G) (not checked: a sync).
+        gt_masks: per image (G_i, H_i, W_i) uint8/bool, or float coverage in [0, 1] (masks of a resized image),
+            the image's GT masks at full image resolution.
+        boxes: per image (R_i, 4) RoIs (the foreground proposals) in image pixels.
+        matched_idxs: per image (R_i,) int64, the index into gt_masks[i] of each RoI's GT; must lie in [0, G_i)
+            (not checked: a sync).
         size: S, the target side (28).
     Returns:
-        (R, S, S) tensor in boxes' float dtype, values in {0, 1}, on boxes' device, no grad. R == 0 gives (0, S, S).
+        (sum R_i, S, S) tensor in the boxes' float dtype, values in {0, 1}, on their device, no grad, the images'
+        RoIs in order. No RoI at all gives (0, S, S).
     """
-    if gt_masks.dim() != 3:
-        raise ValueError(f"gt_masks must have shape (G, H, W), got {tuple(gt_masks.shape)}")
-    check_boxes(boxes)
-    if matched_idxs.shape != (boxes.shape[0],):
-        raise ValueError(f"matched_idxs must have shape ({boxes.shape[0]},), got {tuple(matched_idxs.shape)}")
-    dtype = _float_dtype(boxes)
-    num_rois = boxes.shape[0]
-    if num_rois == 0:
-        return torch.zeros((0, size, size), dtype=dtype, device=boxes.device)
-    if gt_masks.shape[0] == 0:
-        raise ValueError(f"{num_rois} RoIs are matched to GT masks but gt_masks is empty")
-    # One float copy of the GT stack; each RoI then samples its own mask through its batch index, so no per-RoI
-    # copy of a full-size mask is ever made (the rois' first column indexes the (G, 1, H, W) "batch").
-    masks = gt_masks.to(device=boxes.device, dtype=dtype)[:, None]  # (G, 1, H, W)
-    rois = torch.cat([matched_idxs.to(boxes.device, dtype)[:, None], boxes.detach().to(dtype)], dim=1)  # (R, 5)
+    if not len(gt_masks) == len(boxes) == len(matched_idxs):
+        raise ValueError(f"need one mask stack, box tensor and matched-index tensor per image, got {len(gt_masks)}, "
+                         f"{len(boxes)} and {len(matched_idxs)}")
+    for masks, b, idx in zip(gt_masks, boxes, matched_idxs):
+        if masks.dim() != 3:
+            raise ValueError(f"gt_masks must have shape (G, H, W), got {tuple(masks.shape)}")
+        check_boxes(b)
+        if idx.shape != (b.shape[0],):
+            raise ValueError(f"matched_idxs must have shape ({b.shape[0]},), got {tuple(idx.shape)}")
+        if b.shape[0] and masks.shape[0] == 0:
+            raise ValueError(f"{b.shape[0]} RoIs are matched to GT masks but gt_masks is empty")
+    device = boxes[0].device if boxes else torch.device("cpu")
+    dtype = _float_dtype(boxes[0]) if boxes else torch.float32
+    if sum(b.shape[0] for b in boxes) == 0:
+        return torch.zeros((0, size, size), dtype=dtype, device=device)
+    # Each image's GT stack is one map of RoIAlign, (G_i, 1, H_i, W_i); a RoI samples its own GT mask through its
+    # batch index, so no per-RoI copy of a full-size mask is ever made.
+    maps = [m.to(device=device, dtype=dtype)[:, None] for m in gt_masks]
+    rois = torch.cat([torch.cat([idx.to(device, dtype)[:, None], b.detach().to(dtype)], dim=1)
+                      for b, idx in zip(boxes, matched_idxs)])  # (R, 5)
+    image = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64, device=device) for i, b in enumerate(boxes)])
     with torch.no_grad():
-        crops = roi_align(masks, rois, (size, size), spatial_scale=1.0, sampling_ratio=0,
-                          aligned=aligned)  # (R, 1, S, S)
+        crops = roi_align_sparse(maps, rois, image, [1.0] * len(maps), (size, size), 0, aligned)  # (R, 1, S, S)
     return (crops[:, 0] >= 0.5).to(dtype) if binarize else crops[:, 0]  # (R, S, S)
 
 

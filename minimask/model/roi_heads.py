@@ -247,18 +247,24 @@ class RoIHeads(nn.Module):
             side = logits.shape[-1]
             no_labels = torch.zeros(0, dtype=torch.int64, device=logits.device)
             return mask_loss(logits, no_labels, logits.new_zeros(0, side, side))
-        mask_targets_ = torch.cat([
-            self._mask_targets(s, t) for s, t in zip(foreground, targets) if s.boxes.shape[0] > 0
-        ])  # (F, M, M)
-        return mask_loss(logits, torch.cat([s.labels for s in foreground]), mask_targets_)
+        return mask_loss(logits, torch.cat([s.labels for s in foreground]), self._mask_targets(foreground, targets))
 
-    def _mask_targets(self, foreground: RoISamples, target: dict) -> Tensor:
-        """(F, M, M) binary targets: from the GT polygons when the target carries them (rasterised inside each RoI,
-        detectron2's default for COCO), else by RoIAlign-ing the full-size bitmaps and cutting at 0.5."""
-        if "polygons" in target:
-            matched = foreground.matched_idxs.tolist()
-            return polygon_mask_targets([target["polygons"][i] for i in matched], foreground.boxes, self.mask_size)
-        return mask_targets(target["masks"], foreground.boxes, foreground.matched_idxs, self.mask_size)
+    def _mask_targets(self, foreground: list[RoISamples], targets) -> Tensor:
+        """(F, M, M) binary targets of all images' foreground RoIs, in order: from the GT polygons where a target
+        carries them (rasterised inside each RoI, detectron2's default for COCO), else by RoIAlign-ing the
+        full-size bitmaps and cutting at 0.5 (every such image in one call)."""
+        parts = [None] * len(foreground)
+        bitmaps = [i for i, t in enumerate(targets) if "polygons" not in t]
+        for i, (s, t) in enumerate(zip(foreground, targets)):
+            if "polygons" in t:
+                parts[i] = polygon_mask_targets([t["polygons"][j] for j in s.matched_idxs.tolist()], s.boxes,
+                                                self.mask_size)
+        if bitmaps:
+            crops = mask_targets([targets[i]["masks"] for i in bitmaps], [foreground[i].boxes for i in bitmaps],
+                                 [foreground[i].matched_idxs for i in bitmaps], self.mask_size)
+            for i, part in zip(bitmaps, crops.split([foreground[i].boxes.shape[0] for i in bitmaps])):
+                parts[i] = part
+        return torch.cat(parts)  # (F, M, M)
 
     def _keypoint_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
         selected = with_visible_keypoints(foreground, [t["keypoints"] for t in targets])

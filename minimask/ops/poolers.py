@@ -2,7 +2,8 @@
 
 Each RoI is pooled from one pyramid level, chosen by its size: k = floor(k0 + log2(sqrt(w*h) / 224)) with k0 = 4,
 clamped to the available levels (detectron2 `assign_boxes_to_levels`, which adds 1e-8 inside the log so that a box of
-exactly 224 * 2^j lands on level k0 + j). Stateless functions; the pooling itself is `roi_align`.
+exactly 224 * 2^j lands on level k0 + j). Stateless functions; the pooling itself is RoIAlign (`roi_align`), run for
+all levels at once because a call per level costs a hundred small operations and a few host syncs each.
 """
 import math
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from minimask.ops.roi_align import roi_align
+from minimask.ops.roi_align_sparse import roi_align_sparse
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224,
@@ -49,7 +51,7 @@ def multiscale_roi_align(features: list, boxes: list, output_size, scales: list,
 
     Returns:
         (sum L_i, C, oh, ow) in the order of the concatenated boxes, dtype of the features; zero rows if there are
-        no boxes. Each level's boxes are pooled with one `roi_align` call and scattered back into place.
+        no boxes. All levels are pooled by one `roi_align_sparse` call.
     """
     if not isinstance(features, (list, tuple)) or len(features) == 0:
         raise ValueError("multiscale_roi_align: features must be a non-empty list of (B, C, H, W) maps")
@@ -72,20 +74,28 @@ def multiscale_roi_align(features: list, boxes: list, output_size, scales: list,
         raise ValueError(f"multiscale_roi_align: scales must be 2^-k for consecutive k, finest first; got {scales}")
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
 
-    if len(features) == 1:
-        return roi_align(features[0], list(boxes), (oh, ow), scales[0], sampling_ratio, aligned)
-    device, dtype = features[0].device, features[0].dtype
+    device = features[0].device
     all_boxes = torch.cat([b.to(device) for b in boxes]) if batch else torch.zeros((0, 4), device=device)  # (R, 4)
     image_ids = torch.cat([torch.full((len(b),), i, dtype=all_boxes.dtype, device=device)
                            for i, b in enumerate(boxes)]) if batch else all_boxes.new_zeros((0,))  # (R,)
     rois = torch.cat([image_ids[:, None], all_boxes], dim=1)  # (R, 5)
     level_of = assign_boxes_to_levels(all_boxes, round(levels[0]), round(levels[-1]))  # (R,)
+    # RoIAlign of each box on its level's map: every level at once, as one sparse product over all the maps' pixels
+    # (`multiscale_roi_align_reference` is the same, one level at a time).
+    return roi_align_sparse(list(features), rois, level_of, scales, (oh, ow), sampling_ratio, aligned)
 
-    output = torch.zeros((len(rois), channels, oh, ow), dtype=dtype, device=device)  # (R, C, oh, ow)
+
+def multiscale_roi_align_reference(features: list, boxes: list, output_size, scales: list, sampling_ratio: int = 0,
+                                   aligned: bool = True) -> Tensor:
+    """`multiscale_roi_align` as its definition reads: each level's boxes pooled from that level with `roi_align`
+    and put back in order (the test oracle of the one-call form)."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    levels = [round(-math.log2(s)) for s in scales]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
+    level_of = assign_boxes_to_levels(rois[:, 1:], levels[0], levels[-1])  # (R,)
+    output = features[0].new_zeros((len(rois), features[0].shape[1], oh, ow))  # (R, C, oh, ow)
     for level, (feature, scale) in enumerate(zip(features, scales)):
         ids = torch.nonzero(level_of == level).squeeze(1)  # (R_l,)
-        if ids.numel() == 0:
-            continue
-        pooled = roi_align(feature, rois[ids], (oh, ow), scale, sampling_ratio, aligned)  # (R_l, C, oh, ow)
-        output.index_copy_(0, ids, pooled)  # autograd records the copy, so each level gets its gradient
+        if len(ids):
+            output.index_copy_(0, ids, roi_align(feature, rois[ids], (oh, ow), scale, sampling_ratio, aligned))
     return output

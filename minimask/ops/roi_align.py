@@ -62,7 +62,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if not (isinstance(oh, int) and isinstance(ow, int) and oh > 0 and ow > 0):
         raise ValueError(f"roi_align: output_size must be a positive int or a pair of them, got {output_size}")
-    return roi_align_sparse(input, as_rois(boxes, input), (oh, ow), spatial_scale, sampling_ratio, aligned)
+    return roi_align_sparse([input], as_rois(boxes, input), None, [spatial_scale], (oh, ow), sampling_ratio, aligned)
 
 
 def roi_align_reference(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float = 1.0,

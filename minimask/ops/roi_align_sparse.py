@@ -28,51 +28,67 @@ from torch.autograd.function import once_differentiable
 _CHUNK_BYTES = 256 * 2**20
 
 
-def roi_align_sparse(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int, aligned: bool) -> Tensor:
-    """`roi_align` on checked inputs: rois (K, 5) on input's device, output_size (oh, ow). (K, C, oh, ow)."""
-    return _RoIAlign.apply(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned))
+def roi_align_sparse(features: list[Tensor], rois: Tensor, levels: Tensor | None, scales: list[float],
+                     output_size: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+    """`roi_align` of each RoI on its own map, every map in one sparse product (`roi_align` and
+    `minimask.ops.poolers.multiscale_roi_align` check the inputs).
+
+    features: L maps (N_l, C, H_l, W_l) of one dtype and device; rois (K, 5) (batch_index, x1, y1, x2, y2) on their
+    device, the batch index into the RoI's map; levels (K,) int64 index of each RoI's map (None: all on
+    features[0]); scales: L spatial scales. Returns (K, C, oh, ow); differentiable w.r.t. every map.
+    """
+    if levels is None:
+        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    return _RoIAlign.apply(rois, levels, tuple(float(s) for s in scales), tuple(output_size), int(sampling_ratio),
+                           bool(aligned), *features)
 
 
 class _RoIAlign(torch.autograd.Function):
-    """out = S @ F (forward) and grad_F = S^T @ grad_out (backward), S built chunk by chunk."""
+    """out = S @ F (forward) and grad_F = S^T @ grad_out (backward), S built chunk by chunk; F is every map's pixels
+    as rows of one table, so RoIs of all levels are pooled together."""
 
     @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-        n, c, h, w = input.shape
+    def forward(ctx, rois, levels, scales, output_size, sampling_ratio, aligned, *features):
+        c = features[0].shape[1]
         oh, ow = output_size
         k = rois.shape[0]
-        cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # compute / accumulate dtype
+        dtype, device = features[0].dtype, features[0].device
+        cdtype = torch.float64 if dtype == torch.float64 else torch.float32  # compute / accumulate dtype
+        shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in features]  # (N_l, H_l, W_l)
+        rows = [n * h * w for n, h, w in shapes]
         # int32 entries halve the memory kept for backward and make its sort faster.
-        idtype = torch.int32 if max(n * h * w + 1, k * oh * ow) < 2**31 else torch.int64
-        ctx.input_shape, ctx.input_dtype, ctx.output_size = input.shape, input.dtype, output_size
+        idtype = torch.int32 if max(sum(rows) + 1, k * oh * ow) < 2**31 else torch.int64
+        ctx.shapes, ctx.dtype, ctx.output_size, ctx.rows = [f.shape for f in features], dtype, output_size, rows
         ctx.chunks = []
-        if k == 0 or c == 0 or h == 0 or w == 0:
-            return input.new_zeros((k, c, oh, ow))
+        if k == 0 or c == 0 or sum(rows) == 0:
+            return features[0].new_zeros((k, c, oh, ow))
 
-        # The map as (N*H*W + 1, C) rows: each pixel's channels are contiguous, and the extra last row is zero so
-        # entries with zero weight can point there and never read (possibly non-finite) features.
-        table = torch.empty((n * h * w + 1, c), dtype=cdtype, device=input.device)  # (NHW+1, C)
+        # Every map's pixels as rows of one (sum N*H_l*W_l + 1, C) table: each pixel's channels are contiguous, and
+        # the extra last row is zero so entries with zero weight can point there and never read (possibly
+        # non-finite) features.
+        table = torch.empty((sum(rows) + 1, c), dtype=cdtype, device=device)  # (sum NHW + 1, C)
         table[-1] = 0
-        table[:-1].view(n, h, w, c).copy_(input.permute(0, 2, 3, 1))
+        for f, part in zip(features, table[:-1].split(rows)):
+            part.view(f.shape[0], f.shape[2], f.shape[3], c).copy_(f.permute(0, 2, 3, 1))
+        maps = _maps_of(rois.detach().to(cdtype), levels, scales, shapes, aligned)
         # RoIs without any sample inside the map (possible in adaptive mode) are never written: start from zeros.
-        out = (torch.empty if sampling_ratio > 0 else torch.zeros)((k, c, oh * ow), dtype=input.dtype,
-                                                                   device=input.device)  # (K, C, oh*ow)
-        for roi_ids, idx, wts in _sampling_chunks(rois.detach().to(cdtype), (n, h, w), output_size,
-                                                  spatial_scale, sampling_ratio, aligned, idtype):
+        out = (torch.empty if sampling_ratio > 0 else torch.zeros)((k, c, oh * ow), dtype=dtype,
+                                                                   device=device)  # (K, C, oh*ow)
+        for roi_ids, idx, wts in _sampling_chunks(maps, output_size, sampling_ratio, sum(rows), idtype):
             pooled = F.embedding_bag(idx, table, mode="sum", per_sample_weights=wts)  # (R*oh*ow, C)
-            out.index_copy_(0, roi_ids, pooled.view(-1, oh * ow, c).transpose(1, 2).to(input.dtype))
-            if ctx.needs_input_grad[0]:
+            out.index_copy_(0, roi_ids, pooled.view(-1, oh * ow, c).transpose(1, 2).to(dtype))
+            if any(ctx.needs_input_grad[6:]):
                 ctx.chunks.append((roi_ids, idx, wts))
         return out.view(k, c, oh, ow)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        n, c, h, w = ctx.input_shape
         oh, ow = ctx.output_size
+        no_grads = (None,) * 6
         if not ctx.chunks:
-            return torch.zeros(ctx.input_shape, dtype=ctx.input_dtype, device=grad_output.device), *[None] * 5
+            return *no_grads, *(torch.zeros(s, dtype=ctx.dtype, device=grad_output.device) for s in ctx.shapes)
+        c = ctx.shapes[0][1]
         idtype, cdtype = ctx.chunks[0][1].dtype, ctx.chunks[0][2].dtype
         grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, c).to(cdtype)  # (K*oh*ow, C), one row per bin
         bins_per_roi = oh * ow
@@ -86,13 +102,15 @@ class _RoIAlign(torch.autograd.Function):
                 .to(idtype).reshape(-1).repeat_interleave(idx.shape[1]) for roi_ids, idx, _ in group])  # (E,)
             # S^T @ grad_out without atomics: sort the entries by pixel; each pixel is then one weighted bag of bins.
             pixel, order = torch.sort(pixel)
-            counts = torch.bincount(pixel, minlength=n * h * w + 1)  # (NHW+1,)
+            counts = torch.zeros(sum(ctx.rows) + 1, dtype=torch.int64, device=pixel.device)
+            counts.index_add_(0, pixel.long(), torch.ones_like(pixel, dtype=torch.int64))  # (rows + 1,), no sync
             offsets = (counts.cumsum(0) - counts).to(idtype)
             part = F.embedding_bag(bins[order], grad_rows, offsets, mode="sum",
-                                   per_sample_weights=weight[order])  # (NHW+1, C)
+                                   per_sample_weights=weight[order])  # (rows + 1, C)
             grad_table = part if grad_table is None else grad_table.add_(part)
-        grad_input = grad_table[:-1].view(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W)
-        return grad_input.to(ctx.input_dtype, memory_format=torch.contiguous_format), *[None] * 5
+        grads = [part.view(s[0], s[2], s[3], c).permute(0, 3, 1, 2).to(ctx.dtype, memory_format=torch.contiguous_format)
+                 for part, s in zip(grad_table[:-1].split(ctx.rows), ctx.shapes)]  # each (N_l, C, H_l, W_l)
+        return *no_grads, *grads
 
 
 def _batches(chunks, max_entries):
@@ -107,54 +125,72 @@ def _batches(chunks, max_entries):
     return runs
 
 
-def _sampling_chunks(rois: Tensor, map_size, output_size, spatial_scale, sampling_ratio, aligned, idtype):
-    """Yield (roi_ids (R,), idx (R*oh*ow, Ly*Lx), weights (R*oh*ow, Ly*Lx)) for chunks of RoIs.
-
-    Row j of a chunk is bin (roi_ids[j // (oh*ow)], ph, pw) in row-major order; its entries are map pixels (rows of
-    the (N*H*W + 1, C) table, dtype `idtype`) and weights whose weighted sum is that bin's output (1/count included).
-    """
-    n, h, w = map_size
-    oh, ow = output_size
-    k = rois.shape[0]
-    batch = rois[:, 0].long().clamp(0, n - 1)  # (K,)
+def _maps_of(rois: Tensor, levels: Tensor, scales, shapes: list[tuple[int, int, int]], aligned: bool) -> dict:
+    """Each RoI's geometry on its own map, as (K,) tensors: its box in that map's cells (x0, y0, width, height), the
+    map's height and width, and its first row in the table (that map's offset + the image's). `shapes`: the maps'
+    (N_l, H_l, W_l)."""
+    n, map_h, map_w, first_row = torch.tensor([(n, h, w, 0) for n, h, w in shapes], device=rois.device).T  # (L,) each
+    first_row = (n * map_h * map_w).cumsum(0) - n * map_h * map_w  # first table row of each map
+    n, map_h, map_w, first_row = n[levels], map_h[levels], map_w[levels], first_row[levels]  # (K,) each
+    scale = torch.tensor(scales, dtype=rois.dtype, device=rois.device)[levels]
+    batch = torch.min(rois[:, 0].long().clamp(min=0), n - 1)  # (K,)
     offset = 0.5 if aligned else 0.0  # detectron2 ROIAlignV2: pixel centres at +0.5
-    x0 = rois[:, 1] * spatial_scale - offset  # (K,)
-    y0 = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - x0
-    roi_h = rois[:, 4] * spatial_scale - offset - y0
+    x0 = rois[:, 1] * scale - offset  # (K,)
+    y0 = rois[:, 2] * scale - offset
+    roi_w = rois[:, 3] * scale - offset - x0
+    roi_h = rois[:, 4] * scale - offset - y0
     if not aligned:  # original RoIAlign: force malformed boxes to be at least 1x1
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    return dict(x0=x0, y0=y0, roi_w=roi_w, roi_h=roi_h, map_h=map_h, map_w=map_w,
+                max_size=max(max(h, w) for _, h, w in shapes), base=first_row + batch * map_h * map_w)
+
+
+def _sampling_chunks(maps: dict, output_size, sampling_ratio, dummy: int, idtype):
+    """Yield (roi_ids (R,), idx (R*oh*ow, Ly*Lx), weights (R*oh*ow, Ly*Lx)) for chunks of RoIs.
+
+    Row j of a chunk is bin (roi_ids[j // (oh*ow)], ph, pw) in row-major order; its entries are rows of the table
+    (dtype `idtype`; `dummy` is its zero row) and weights whose weighted sum is that bin's output (1/count included).
+    """
+    oh, ow = output_size
+    x0, y0, roi_w, roi_h, map_h, map_w = (maps[key] for key in ("x0", "y0", "roi_w", "roi_h", "map_h", "map_w"))
+    k = x0.shape[0]
     bin_w, bin_h = roi_w / ow, roi_h / oh  # (K,)
     max_entries = max(1, _CHUNK_BYTES // 32)
 
     def combine(ids, ry, wy, rx, wx):
-        return ids, *_combine(batch[ids], ry, wy, rx, wx, (h, w), n * h * w, idtype)
+        return ids, *_combine(maps["base"][ids], map_w[ids], ry, wy, rx, wx, dummy, idtype)
 
     if sampling_ratio > 0:
         # Fixed grid: two corner rows per sample, 2*sr entries per axis for every RoI; static shapes, no sync.
         count = float(sampling_ratio * sampling_ratio)
         per_roi = oh * ow * (2 * sampling_ratio) ** 2
-        for ids in torch.arange(k, device=rois.device).split(max(1, max_entries // per_roi)):
-            ry, wy = _corner_taps(y0[ids], bin_h[ids], sampling_ratio, oh, h)  # (R, oh, 2sr)
-            rx, wx = _corner_taps(x0[ids], bin_w[ids], sampling_ratio, ow, w)  # (R, ow, 2sr)
+        for ids in torch.arange(k, device=x0.device).split(max(1, max_entries // per_roi)):
+            ry, wy = _corner_taps(y0[ids], bin_h[ids], sampling_ratio, oh, map_h[ids])  # (R, oh, 2sr)
+            rx, wx = _corner_taps(x0[ids], bin_w[ids], sampling_ratio, ow, map_w[ids])  # (R, ow, 2sr)
             yield combine(ids, ry, wy / count, rx, wx)
         return
 
     # Adaptive grid: ceil(roi_size / output_size) samples per bin and axis; <= 0 (empty or NaN box) means none.
     grid_h = torch.where(torch.isfinite(roi_h), torch.ceil(roi_h / oh), 0.0).clamp(min=0).long()  # (K,)
     grid_w = torch.where(torch.isfinite(roi_w), torch.ceil(roi_w / ow), 0.0).clamp(min=0).long()
-    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (K,)
-    ry, wy, len_y = _window_taps(y0, bin_h, grid_h, oh, h)  # (K, oh, Sy), (K,)
-    rx, wx, len_x = _window_taps(x0, bin_w, grid_w, ow, w)  # (K, ow, Sx), (K,)
+    count = (grid_h * grid_w).clamp(min=1).to(x0.dtype)  # (K,)
+    gmax_h, gmax_w = torch.stack([grid_h.max(), grid_w.max()]).tolist()  # host sync (adaptive mode only)
+    ry, wy, len_y = _window_taps(y0, bin_h, grid_h, gmax_h, oh, map_h, maps["max_size"])  # (K, oh, Sy), (K,)
+    rx, wx, len_x = _window_taps(x0, bin_w, grid_w, gmax_w, ow, map_w, maps["max_size"])  # (K, ow, Sx), (K,)
     wy = wy / count[:, None, None]
-    for ids, ly, lx in _plan_chunks(len_y.cpu(), len_x.cpu(), oh * ow, max_entries):
-        ids = ids.to(rois.device)
+    if k * oh * ow * ry.shape[2] * rx.shape[2] <= max_entries:  # usually: one chunk, every RoI at the largest window
+        yield combine(torch.arange(k, device=x0.device), ry, wy, rx, wx)
+        return
+    # Else chunks of RoIs of similar window size, so that small RoIs are not padded to the largest one's window.
+    len_y, len_x = torch.stack([len_y, len_x]).cpu()  # one copy to the host, to plan the chunks
+    for ids, ly, lx in _plan_chunks(len_y, len_x, oh * ow, max_entries):
+        ids = ids.to(x0.device)
         yield combine(ids, ry[ids, :, :ly], wy[ids, :, :ly], rx[ids, :, :lx], wx[ids, :, :lx])
 
 
-def _samples(start: Tensor, bin_size: Tensor, grid, slots: int, pooled: int, size: int):
+def _samples(start: Tensor, bin_size: Tensor, grid, slots: int, pooled: int, size: Tensor):
     """Bilinear taps of the samples along one axis for R RoIs: `grid` samples (an int, or (R,) per RoI) in each of
-    `pooled` bins, laid out in `slots` >= grid slots.
+    `pooled` bins, laid out in `slots` >= grid slots, on maps of `size` (R,) cells along that axis.
 
     Returns low, high (R, P, slots) int64 in [0, size-1], their weights (R, P, slots) and the validity mask.
     """
@@ -162,7 +198,7 @@ def _samples(start: Tensor, bin_size: Tensor, grid, slots: int, pooled: int, siz
     i = torch.arange(slots, device=start.device, dtype=start.dtype)  # (G,)
     if isinstance(grid, Tensor):
         grid = grid.to(start.dtype)[:, None, None]  # (R, 1, 1)
-    start, bin_size = start[:, None, None], bin_size[:, None, None]  # (R, 1, 1)
+    start, bin_size, size = start[:, None, None], bin_size[:, None, None], size[:, None, None]  # (R, 1, 1)
     # Same expression and evaluation order as the reference kernel, so the floors agree bit for bit.
     pos = start + p * bin_size + (i + 0.5) * bin_size / grid  # (R, P, G)
     valid = (pos >= -1.0) & (pos <= size) & (i < grid)  # kernel: y < -1 or y > H contributes 0; NaN never valid
@@ -176,33 +212,34 @@ def _samples(start: Tensor, bin_size: Tensor, grid, slots: int, pooled: int, siz
     return low, high, (1.0 - frac) * valid, frac * valid, valid
 
 
-def _corner_taps(start, bin_size, grid: int, pooled: int, size: int):
+def _corner_taps(start, bin_size, grid: int, pooled: int, size: Tensor):
     """Per-axis taps for a fixed grid: (R, P, 2*grid) rows and weights, the low and high corner of each sample."""
     low, high, w_low, w_high, _ = _samples(start, bin_size, grid, grid, pooled, size)
     r, p = low.shape[:2]
     return torch.stack([low, high], -1).view(r, p, -1), torch.stack([w_low, w_high], -1).view(r, p, -1)
 
 
-def _window_taps(start, bin_size, grid: Tensor, pooled: int, size: int):
+def _window_taps(start, bin_size, grid: Tensor, gmax: int, pooled: int, size: Tensor, max_size: int):
     """Per-axis taps for an adaptive grid, merged into the window of consecutive rows each bin touches.
 
     Samples are bin/ceil(bin) <= 1 apart, so a bin's taps lie in rows [r0, r0 + grid + 1] (one extra row of slack
-    for rounding), and never beyond the map. Returns rows and weights (K, P, S) with S = min(max grid + 2, size),
-    and per RoI the window length actually used (K,) (0 if no sample is inside the map).
+    for rounding), and never beyond the map (`size` (K,) cells; `max_size` the largest map's, `gmax` the largest
+    grid). Returns rows and weights (K, P, S) with S = min(gmax + 2, max_size), and per RoI the window length
+    actually used (K,) (0 if no sample is inside the map).
     """
     k = start.shape[0]
-    gmax = int(grid.max())  # host sync (adaptive mode only)
-    slots = min(gmax + 2, size)
+    slots = min(gmax + 2, max_size)
     rows, weights = [], []
     # The (R, P, gmax) sample temporaries take ~64 bytes per sample; bound them for very large boxes.
     for ids in torch.arange(k, device=start.device).split(max(1, _CHUNK_BYTES // (64 * pooled * max(gmax, 1)))):
         low, high, w_low, w_high, valid = _samples(start[ids], bin_size[ids], grid[ids], max(gmax, 1), pooled,
-                                                   size)
-        r0 = torch.where(valid, low, size).amin(-1, keepdim=True).clamp(max=size - 1)  # (R, P, 1) first row
+                                                   size[ids])
+        last_row = (size[ids] - 1)[:, None, None]  # (R, 1, 1)
+        r0 = torch.min(torch.where(valid, low, last_row + 1).amin(-1, keepdim=True), last_row)  # (R, P, 1) first row
         w = torch.zeros(low.shape[:2] + (slots,), dtype=w_low.dtype, device=low.device)  # (R, P, S)
         w.scatter_add_(2, (low - r0).clamp(0, slots - 1), w_low)
         w.scatter_add_(2, (high - r0).clamp(0, slots - 1), w_high)
-        rows.append((r0 + torch.arange(slots, device=low.device)).clamp(max=size - 1))  # (R, P, S)
+        rows.append(torch.min(r0 + torch.arange(slots, device=low.device), last_row))  # (R, P, S)
         weights.append(w)
     rows, weights = torch.cat(rows), torch.cat(weights)
     last = (weights != 0) * torch.arange(1, slots + 1, device=start.device)  # (K, P, S)
@@ -236,16 +273,16 @@ def _plan_chunks(len_y: Tensor, len_x: Tensor, bins_per_roi: int, max_entries: i
     yield from flush(lo, len(ids), max_y, max_x)
 
 
-def _combine(batch, ry, wy, rx, wx, map_hw, dummy: int, idtype):
-    """Outer product of the y and x taps of every bin: (R*oh*ow, Ly*Lx) table rows and weights.
+def _combine(base, map_w, ry, wy, rx, wx, dummy: int, idtype):
+    """Outer product of the y and x taps of every bin: (R*oh*ow, Ly*Lx) table rows and weights. `base` (R,) is each
+    RoI's first table row (its map's and image's), `map_w` (R,) the width of its map.
 
-    Entries with zero weight point at the zero row `dummy` (= N*H*W), so they read nothing from the map.
+    Entries with zero weight point at the zero row `dummy`, so they read nothing from the maps.
     """
-    h, w = map_hw
     r, oh, ly = ry.shape
     ow, lx = rx.shape[1], rx.shape[2]
-    base = (batch * (h * w))[:, None, None, None, None]  # (R, 1, 1, 1, 1)
-    idx = base + ry[:, :, None, :, None] * w + rx[:, None, :, None, :]  # (R, oh, ow, Ly, Lx)
+    base, map_w = base[:, None, None, None, None], map_w[:, None, None, None, None]  # (R, 1, 1, 1, 1)
+    idx = base + ry[:, :, None, :, None] * map_w + rx[:, None, :, None, :]  # (R, oh, ow, Ly, Lx)
     wts = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # (R, oh, ow, Ly, Lx)
     idx = torch.where(wts != 0, idx, dummy).to(idtype)
     return idx.view(r * oh * ow, ly * lx), wts.view(r * oh * ow, ly * lx)
