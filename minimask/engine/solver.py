@@ -185,8 +185,8 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    device = grads[0].device
-    per_tensor = torch.stack([g.detach().float().norm(2).to(device) for g in grads])  # (P,)
+    # One multi-tensor kernel for the per-tensor norms (as torch.nn.utils.clip_grad_norm_), not one per parameter.
+    per_tensor = torch.stack(torch._foreach_norm([g.detach() for g in grads], 2.0)).float()  # (P,)
     return per_tensor.norm(2)  # () the global norm is the norm of the per-tensor norms
 
 
@@ -201,6 +201,6 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, total: torch
     params = [p for p in params if p.grad is not None]
     total = grad_norm(params) if total is None else total
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # () 1e-6 as torch.nn.utils.clip_grad_norm_
-    for p in params:
-        p.grad.detach().mul_(scale.to(device=p.grad.device, dtype=p.grad.dtype))
+    if params:
+        torch._foreach_mul_([p.grad.detach() for p in params], scale.to(device=params[0].grad.device))
     return total
