@@ -129,10 +129,10 @@ def _maps_of(rois: Tensor, levels: Tensor, scales, shapes: list[tuple[int, int, 
     """Each RoI's geometry on its own map, as (K,) tensors: its box in that map's cells (x0, y0, width, height), the
     map's height and width, and its first row in the table (that map's offset + the image's). `shapes`: the maps'
     (N_l, H_l, W_l)."""
-    n, map_h, map_w, first_row = torch.tensor([(n, h, w, 0) for n, h, w in shapes], device=rois.device).T  # (L,) each
-    first_row = (n * map_h * map_w).cumsum(0) - n * map_h * map_w  # first table row of each map
-    n, map_h, map_w, first_row = n[levels], map_h[levels], map_w[levels], first_row[levels]  # (K,) each
-    scale = torch.tensor(scales, dtype=rois.dtype, device=rois.device)[levels]
+    first_rows = [sum(n * h * w for n, h, w in shapes[:level]) for level in range(len(shapes))]
+    per_level = torch.tensor([(n, h, w, first) for (n, h, w), first in zip(shapes, first_rows)], device=rois.device)
+    n, map_h, map_w, first_row = per_level[levels].unbind(dim=1)  # (K,) each
+    scale = torch.tensor(scales, dtype=rois.dtype, device=rois.device)[levels]  # (K,)
     batch = torch.min(rois[:, 0].long().clamp(min=0), n - 1)  # (K,)
     offset = 0.5 if aligned else 0.0  # detectron2 ROIAlignV2: pixel centres at +0.5
     x0 = rois[:, 1] * scale - offset  # (K,)
@@ -160,27 +160,31 @@ def _sampling_chunks(maps: dict, output_size, sampling_ratio, dummy: int, idtype
     def combine(ids, ry, wy, rx, wx):
         return ids, *_combine(maps["base"][ids], map_w[ids], ry, wy, rx, wx, dummy, idtype)
 
+    # Both axes at once: rows 0..K-1 of these are the RoIs' y axis, rows K..2K-1 their x axis, with max(oh, ow) bins
+    # each (the shorter axis's extra bins are cut off again).
+    start, bin_size, size = torch.cat([y0, x0]), torch.cat([bin_h, bin_w]), torch.cat([map_h, map_w])  # (2K,)
+    pooled = max(oh, ow)
     if sampling_ratio > 0:
         # Fixed grid: two corner rows per sample, 2*sr entries per axis for every RoI; static shapes, no sync.
         count = float(sampling_ratio * sampling_ratio)
         per_roi = oh * ow * (2 * sampling_ratio) ** 2
+        rows, weights = _corner_taps(start, bin_size, sampling_ratio, pooled, size)  # (2K, P, 2sr)
+        ry, wy, rx, wx = rows[:k, :oh], weights[:k, :oh] / count, rows[k:, :ow], weights[k:, :ow]
         for ids in torch.arange(k, device=x0.device).split(max(1, max_entries // per_roi)):
-            ry, wy = _corner_taps(y0[ids], bin_h[ids], sampling_ratio, oh, map_h[ids])  # (R, oh, 2sr)
-            rx, wx = _corner_taps(x0[ids], bin_w[ids], sampling_ratio, ow, map_w[ids])  # (R, ow, 2sr)
-            yield combine(ids, ry, wy / count, rx, wx)
+            yield combine(ids, ry[ids], wy[ids], rx[ids], wx[ids])
         return
 
     # Adaptive grid: ceil(roi_size / output_size) samples per bin and axis; <= 0 (empty or NaN box) means none.
     grid_h = torch.where(torch.isfinite(roi_h), torch.ceil(roi_h / oh), 0.0).clamp(min=0).long()  # (K,)
     grid_w = torch.where(torch.isfinite(roi_w), torch.ceil(roi_w / ow), 0.0).clamp(min=0).long()
     count = (grid_h * grid_w).clamp(min=1).to(x0.dtype)  # (K,)
-    gmax_h, gmax_w = torch.stack([grid_h.max(), grid_w.max()]).tolist()  # host sync: the windows' largest size
-    ry, wy, len_y = _window_taps(y0, bin_h, grid_h, gmax_h, oh, map_h, maps["max_size"])  # (K, oh, Sy), (K,)
-    rx, wx, len_x = _window_taps(x0, bin_w, grid_w, gmax_w, ow, map_w, maps["max_size"])  # (K, ow, Sx), (K,)
-    wy = wy / count[:, None, None]
+    grid = torch.cat([grid_h, grid_w])  # (2K,)
+    rows, weights = _window_taps(start, bin_size, grid, int(grid.max()), pooled, size, maps["max_size"])  # host sync
+    ry, wy, rx, wx = rows[:k, :oh], weights[:k, :oh] / count[:, None, None], rows[k:, :ow], weights[k:, :ow]
     # Chunks of RoIs of similar window size, so that small RoIs are not padded to the largest one's window (padding
     # all to it costs 10 % more time per training step of the CPU demo): the second host sync.
-    len_y, len_x = torch.stack([len_y, len_x]).cpu()
+    slot = torch.arange(1, weights.shape[2] + 1, device=x0.device)  # (S,)
+    len_y, len_x = torch.stack([((wy != 0) * slot).amax(dim=(1, 2)), ((wx != 0) * slot).amax(dim=(1, 2))]).cpu()
     for ids, ly, lx in _plan_chunks(len_y, len_x, oh * ow, max_entries):
         ids = ids.to(x0.device)
         yield combine(ids, ry[ids, :, :ly], wy[ids, :, :ly], rx[ids, :, :lx], wx[ids, :, :lx])
@@ -222,8 +226,7 @@ def _window_taps(start, bin_size, grid: Tensor, gmax: int, pooled: int, size: Te
 
     Samples are bin/ceil(bin) <= 1 apart, so a bin's taps lie in rows [r0, r0 + grid + 1] (one extra row of slack
     for rounding), and never beyond the map (`size` (K,) cells; `max_size` the largest map's, `gmax` the largest
-    grid). Returns rows and weights (K, P, S) with S = min(gmax + 2, max_size), and per RoI the window length
-    actually used (K,) (0 if no sample is inside the map).
+    grid). Returns rows and weights (K, P, S) with S = min(gmax + 2, max_size).
     """
     k = start.shape[0]
     slots = min(gmax + 2, max_size)
@@ -239,9 +242,7 @@ def _window_taps(start, bin_size, grid: Tensor, gmax: int, pooled: int, size: Te
         w.scatter_add_(2, (high - r0).clamp(0, slots - 1), w_high)
         rows.append(torch.min(r0 + torch.arange(slots, device=low.device), last_row))  # (R, P, S)
         weights.append(w)
-    rows, weights = torch.cat(rows), torch.cat(weights)
-    last = (weights != 0) * torch.arange(1, slots + 1, device=start.device)  # (K, P, S)
-    return rows, weights, last.amax(dim=(1, 2))
+    return torch.cat(rows), torch.cat(weights)
 
 
 def _plan_chunks(len_y: Tensor, len_x: Tensor, bins_per_roi: int, max_entries: int):
