@@ -9,10 +9,10 @@ from minimask.model.roi_heads import (
     RoIHeads,
     RoISamples,
     box_regression_targets,
+    has_visible_keypoint_inside,
     label_boxes,
     sample_proposals,
     select_foreground,
-    with_visible_keypoints,
 )
 from minimask.ops.box_coder import decode, encode
 from minimask.ops.boxes import box_iou
@@ -111,8 +111,7 @@ def test_select_foreground_and_visible_keypoints():
     keypoints[0, 3] = torch.tensor([10.0, 5.0, 2.0])  # on the right edge, visible: kept (inclusive test)
     keypoints[1, 3] = torch.tensor([10.5, 5.0, 2.0])  # outside the box
     keypoints[2, 3] = torch.tensor([5.0, 5.0, 0.0])  # inside but not labelled
-    kept = with_visible_keypoints([fg], [keypoints])[0]
-    assert kept.matched_idxs.tolist() == [0]
+    assert has_visible_keypoint_inside(keypoints[fg.matched_idxs], fg.boxes).tolist() == [True, False, False]
 
 
 def test_box_regression_targets_encode_matched_boxes():

@@ -135,15 +135,6 @@ class MaskRCNN(nn.Module):
             n = boxes.shape[0]
             if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.dtype != torch.int64:
                 raise ValueError(f"{where}['labels'] must be an int64 ({n},) tensor, got {_describe(labels)}")
-            if n and not torch.isfinite(boxes).all():
-                raise ValueError(f"{where}['boxes'] contains NaN or Inf")
-            if n and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
-                bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0][0].item()
-                raise ValueError(f"{where}['boxes'][{bad}] has zero or negative size: {boxes[bad].tolist()}")
-            if n and ((labels < 1) | (labels > self.num_classes)).any():
-                raise ValueError(
-                    f"{where}['labels'] must lie in 1..{self.num_classes} (0 is background), got {labels.tolist()}"
-                )
             if "masks" in t:
                 masks = t["masks"]
                 expected = (n, img.shape[1], img.shape[2])
@@ -157,6 +148,27 @@ class MaskRCNN(nn.Module):
                 expected = (n, self.num_keypoints, 3)
                 if not isinstance(kps, Tensor) or tuple(kps.shape) != expected or not kps.is_floating_point():
                     raise ValueError(f"{where}['keypoints'] must be a float {expected} tensor, got {_describe(kps)}")
+        self._check_target_values(targets)
+
+    def _check_target_values(self, targets: list[dict]) -> None:
+        """Finite boxes of positive size and labels in 1..K: one host sync for the whole batch, and the details
+        only when something is wrong."""
+        boxes = torch.cat([t["boxes"] for t in targets])  # (G, 4)
+        labels = torch.cat([t["labels"] for t in targets])  # (G,)
+        bad = ~torch.isfinite(boxes).all(dim=1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if not bool((bad | (labels < 1) | (labels > self.num_classes)).any()):
+            return
+        for i, t in enumerate(targets):
+            boxes, labels, where = t["boxes"], t["labels"], f"targets[{i}]"
+            if not torch.isfinite(boxes).all():
+                raise ValueError(f"{where}['boxes'] contains NaN or Inf")
+            if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+                bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0][0].item()
+                raise ValueError(f"{where}['boxes'][{bad}] has zero or negative size: {boxes[bad].tolist()}")
+            if ((labels < 1) | (labels > self.num_classes)).any():
+                raise ValueError(
+                    f"{where}['labels'] must lie in 1..{self.num_classes} (0 is background), got {labels.tolist()}"
+                )
 
 
 def _describe(x) -> str:

@@ -6,7 +6,8 @@ detectron2's conventions (`roi_heads/roi_heads.py` `StandardROIHeads`):
 - training: the GT boxes are appended to each image's proposals, every candidate is matched to its best GT at IoU
   0.5 (foreground) or background otherwise, and 512 RoIs are sampled per image with at most 25% foreground. The box
   head sees all sampled RoIs; the mask head only the foreground ones (Sec. 3: "L_mask is defined only on positive
-  RoIs"); the keypoint head the foreground ones that contain a visible keypoint of their GT (Sec. 5).
+  RoIs"); the keypoint head the foreground ones that contain a visible keypoint of their GT (Sec. 5), all images
+  at once.
 - inference: the box head runs on every proposal, `fast_rcnn_inference` keeps at most 100 detections per image, and
   the mask and keypoint heads run on those final boxes only (Sec. 3, "Inference").
 
@@ -93,19 +94,14 @@ def random_subset(foreground: list[RoISamples], per_image: int) -> list[RoISampl
     return [_select(s, slice(per_image or None)) for s in foreground]
 
 
-def with_visible_keypoints(samples: list[RoISamples], gt_keypoints: list[Tensor]) -> list[RoISamples]:
-    """Keep the RoIs whose matched GT has at least one visible keypoint (v >= 1) inside the RoI box.
-
-    gt_keypoints[i]: (G_i, P, 3) (x, y, v) of image i's GT. The box test is inclusive (x0 <= x <= x1, y0 <= y <= y1)
-    as in detectron2 `select_proposals_with_visible_keypoints`.
-    """
-    kept = []
-    for s, keypoints in zip(samples, gt_keypoints):
-        x, y, v = keypoints[s.matched_idxs].unbind(dim=2)  # each (S, P)
-        x0, y0, x1, y1 = (c[:, None] for c in s.boxes.unbind(dim=1))  # each (S, 1)
-        inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)  # (S, P)
-        kept.append(_select(s, (inside & (v >= 1)).any(dim=1)))
-    return kept
+def has_visible_keypoint_inside(keypoints: Tensor, boxes: Tensor) -> Tensor:
+    """(R,) bool: whether RoI r's GT has at least one visible keypoint (v >= 1) inside the RoI box, the RoIs the
+    keypoint head trains on (detectron2 `select_proposals_with_visible_keypoints`; the box test is inclusive,
+    x0 <= x <= x1 and y0 <= y <= y1). keypoints: (R, P, 3) (x, y, v) of each RoI's matched GT; boxes: (R, 4)."""
+    x, y, v = keypoints.unbind(dim=2)  # each (R, P)
+    x0, y0, x1, y1 = (c[:, None] for c in boxes.unbind(dim=1))  # each (R, 1)
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)  # (R, P)
+    return (inside & (v >= 1)).any(dim=1)
 
 
 def box_regression_targets(samples: list[RoISamples], weights: tuple) -> tuple[Tensor, Tensor]:
@@ -267,17 +263,16 @@ class RoIHeads(nn.Module):
         return torch.cat(parts)  # (F, M, M)
 
     def _keypoint_loss(self, features, foreground: list[RoISamples], targets) -> Tensor:
-        selected = with_visible_keypoints(foreground, [t["keypoints"] for t in targets])
-        logits = self.keypoint_head(self._pool(features, [s.boxes for s in selected], self.keypoint_resolution))
-        if logits.shape[0] == 0:  # as for masks: 0 through keypoint_loss, so the normaliser's all-reduce still runs
-            num_keypoints = logits.shape[1]
-            no_points = torch.zeros(0, num_keypoints, dtype=torch.int64, device=logits.device)
-            return keypoint_loss(logits, no_points, no_points.bool())
-        flat_idx, valid = zip(*(
-            keypoint_targets(t["keypoints"][s.matched_idxs], s.boxes, self.keypoint_heatmap_size)
-            for s, t in zip(selected, targets)
-        ))
-        return keypoint_loss(logits, torch.cat(flat_idx), torch.cat(valid))
+        # Every image's foreground RoIs together: boxes (F, 4) and their GT's keypoints (F, P, 3); the keypoint head
+        # trains on those with a visible keypoint inside (Sec. 5).
+        boxes = torch.cat([s.boxes for s in foreground])
+        keypoints = torch.cat([t["keypoints"][s.matched_idxs] for s, t in zip(foreground, targets)])
+        keep = has_visible_keypoint_inside(keypoints, boxes)  # (F,)
+        counts = torch.stack([k.sum() for k in keep.split([s.boxes.shape[0] for s in foreground])]).tolist()
+        boxes, keypoints = boxes[keep], keypoints[keep]  # (F', 4), (F', P, 3)
+        logits = self.keypoint_head(self._pool(features, list(boxes.split(counts)), self.keypoint_resolution))
+        # With F' = 0 the loss is 0 through keypoint_loss, so that the normaliser's all-reduce still runs.
+        return keypoint_loss(logits, *keypoint_targets(keypoints, boxes, self.keypoint_heatmap_size))
 
     def _add_masks(self, features, detections: list[dict[str, Tensor]], image_sizes) -> None:
         boxes = [d["boxes"] for d in detections]

@@ -10,6 +10,7 @@ Ordering contract: each level's anchors, logits and deltas are flattened in (H, 
 and the levels are concatenated finest first, so index m means the same anchor in all three.
 Proposals are detached: no gradient flows from the RoI heads into the RPN through them (detectron2 convention).
 """
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from minimask.distributed import global_normalizer
 from minimask.model.anchors import multilevel_anchors
 from minimask.ops.box_coder import box_regression_loss, decode, encode
-from minimask.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
+from minimask.ops.boxes import batched_nms, box_iou
 from minimask.ops.matcher import match_boxes, sample_balanced
 
 _RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # detectron2 RPN.BBOX_REG_WEIGHTS
@@ -191,7 +192,8 @@ def find_top_proposals(
             sel_anchors.append(anc[top_idx])  # (B, k, 4)
             sel_deltas.append(delta[batch_idx, top_idx])  # (B, k, 4)
             level_ids.append(torch.full((k,), level, dtype=torch.int64, device=logit.device))
-        scores = torch.cat(scores, dim=1).float()  # (B, K)
+        scores = torch.cat(scores, dim=1)  # (B, K)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         if rank_by_probability:
             scores = scores.sigmoid()
         sel_anchors = torch.cat(sel_anchors, dim=1)  # (B, K, 4)
@@ -204,18 +206,24 @@ def find_top_proposals(
         if training and not (torch.isfinite(boxes).all() & torch.isfinite(scores).all()):
             raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
 
+        # Every image at once: clip to its own size, drop the empty (in inference also the non-finite) boxes, NMS
+        # within each image's levels (one group per image and level), then each image's best post_nms_topk.
+        limits = torch.tensor([(w, h, w, h) for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.min(boxes.clamp(min=0), limits[:, None, :])  # (B, K, 4) clipped
+        keep = ((boxes[..., 2] - boxes[..., 0]) > min_size) & ((boxes[..., 3] - boxes[..., 1]) > min_size)  # (B, K)
+        if not training:
+            keep &= torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
+        image, index = keep.nonzero(as_tuple=True)  # (N,) each
+        boxes, scores = boxes[image, index], scores[image, index]  # (N, 4), (N,)
+        kept = batched_nms(boxes, scores, image * num_levels + level_ids[index], nms_thresh)  # by decreasing score
+        kept = kept[torch.sort(image[kept], stable=True).indices]  # image-major, by decreasing score within each
+        per_image = torch.zeros(num_images, dtype=torch.int64, device=kept.device).index_add_(
+            0, image[kept], torch.ones_like(kept)).tolist()  # host sync: how many each image kept
         out_boxes, out_scores = [], []
-        for i, image_size in enumerate(image_sizes):
-            b, s, lvl = boxes[i], scores[i], level_ids
-            if not training:
-                finite = torch.isfinite(b).all(dim=1) & torch.isfinite(s)  # (K,)
-                b, s, lvl = b[finite], s[finite], lvl[finite]
-            b = clip_boxes_to_image(b, image_size)  # (K', 4)
-            nonempty = ((b[:, 2] - b[:, 0]) > min_size) & ((b[:, 3] - b[:, 1]) > min_size)  # detectron2 `nonempty`
-            b, s, lvl = b[nonempty], s[nonempty], lvl[nonempty]
-            keep = batched_nms(b, s, lvl, nms_thresh)[:post_nms_topk]  # sorted by decreasing score
-            out_boxes.append(b[keep])
-            out_scores.append(s[keep])
+        for start, count in zip(itertools.accumulate([0] + per_image[:-1]), per_image):
+            take = kept[start:start + min(count, post_nms_topk)]
+            out_boxes.append(boxes[take])
+            out_scores.append(scores[take])
     return out_boxes, out_scores
 
 
