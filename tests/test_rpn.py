@@ -48,7 +48,8 @@ def test_label_anchors_hand_made():
         [210.0, 210.0, 222.0, 222.0],  # IoU 100/444 = 0.225 with GT 1 -> negative
     ])
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [200.0, 200.0, 220.0, 220.0]])
-    labels, matched = label_anchors(anchors, gt, 0.7, 0.3, 256, 0.5)
+    labels, matched = label_anchors(anchors, [gt], 0.7, 0.3, 256, 0.5)
+    labels, matched = labels[0], matched[0]
     assert labels.dtype == torch.float32
     assert labels.tolist() == [1.0, 1.0, -1.0, 0.0, 1.0, 0.0]
     torch.testing.assert_close(matched[[0, 1, 4]], gt[[0, 0, 1]])
@@ -65,19 +66,19 @@ def test_sampling_caps_total_and_positive_share():
     pos_anchors = _grid_boxes(300)  # each matches its own GT exactly
     neg_anchors = _grid_boxes(1000, origin=5000.0)  # far from every GT
     anchors = torch.cat([pos_anchors, neg_anchors])
-    labels, matched = label_anchors(anchors, pos_anchors.clone(), 0.7, 0.3, 256, 0.5)
+    labels, matched = (x[0] for x in label_anchors(anchors, [pos_anchors.clone()], 0.7, 0.3, 256, 0.5))
     assert (labels == 1).sum() == 128 and (labels == 0).sum() == 128
     assert (labels[:300] != 0).all() and (labels[300:] != 1).all()
     chosen = torch.where(labels == 1)[0]
     torch.testing.assert_close(matched[chosen], anchors[chosen])
     # Few positives: all are kept and negatives fill up to 256.
-    labels, _ = label_anchors(anchors, pos_anchors[:10].clone(), 0.7, 0.3, 256, 0.5)
+    labels = label_anchors(anchors, [pos_anchors[:10].clone()], 0.7, 0.3, 256, 0.5)[0][0]
     assert (labels == 1).sum() == 10 and (labels == 0).sum() == 246
 
 
 def test_no_gt_image_all_sampled_negative():
     anchors = _grid_boxes(400)
-    labels, matched = label_anchors(anchors, torch.zeros(0, 4), 0.7, 0.3, 256, 0.5)
+    labels, matched = (x[0] for x in label_anchors(anchors, [torch.zeros(0, 4)], 0.7, 0.3, 256, 0.5))
     assert (labels == 0).sum() == 256 and (labels == -1).sum() == 144 and (labels != 1).all()
     assert matched.shape == (400, 4) and torch.count_nonzero(matched) == 0
     with pytest.raises(ValueError, match="gt_boxes"):

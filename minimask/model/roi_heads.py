@@ -79,8 +79,9 @@ def sample_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *, 
     if append_gt:
         candidates = torch.cat([candidates, gt_boxes.to(candidates.dtype)])  # (P + G, 4)
     labelled = label_boxes(candidates, gt_boxes, gt_labels, iou_threshold)
-    pos, neg = sample_balanced(labelled.labels > 0, labelled.labels == 0, num_samples, positive_fraction)
-    return _select(labelled, torch.cat([pos, neg]))
+    pos, pos_taken, neg, neg_taken = sample_balanced(labelled.labels > 0, labelled.labels == 0, num_samples,
+                                                     positive_fraction)
+    return _select(labelled, torch.cat([pos[pos_taken], neg[neg_taken]]))
 
 
 def select_foreground(samples: list[RoISamples]) -> list[RoISamples]:
@@ -107,7 +108,8 @@ def has_visible_keypoint_inside(keypoints: Tensor, boxes: Tensor) -> Tensor:
 def box_regression_targets(samples: list[RoISamples], weights: tuple) -> tuple[Tensor, Tensor]:
     """Concatenated labels (R,) and encoded deltas (R, 4) taking each RoI to its matched GT (Fast R-CNN Eqn. 1)."""
     labels = torch.cat([s.labels for s in samples])  # (R,)
-    targets = torch.cat([encode(s.matched_boxes, s.boxes, weights) for s in samples])  # (R, 4)
+    targets = encode(torch.cat([s.matched_boxes for s in samples]), torch.cat([s.boxes for s in samples]),
+                     weights)  # (R, 4)
     return labels, targets
 
 

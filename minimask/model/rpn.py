@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from minimask.distributed import global_normalizer
 from minimask.model.anchors import multilevel_anchors
 from minimask.ops.box_coder import box_regression_loss, decode, encode
-from minimask.ops.boxes import batched_nms, box_iou
+from minimask.ops.boxes import _pairwise_iou, batched_nms
 from minimask.ops.matcher import match_boxes, sample_balanced
 
 _RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # detectron2 RPN.BBOX_REG_WEIGHTS
@@ -66,34 +66,38 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
-def label_anchors(
-    anchors: Tensor, gt_boxes: Tensor, fg_iou: float, bg_iou: float, batch_size_per_image: int, positive_fraction: float
-) -> tuple[Tensor, Tensor]:
-    """Training labels of one image's anchors (Sec. 3.1.2 of Faster R-CNN).
+def label_anchors(anchors: Tensor, gt_boxes: list[Tensor], fg_iou: float, bg_iou: float, batch_size_per_image: int,
+                  positive_fraction: float) -> tuple[Tensor, Tensor]:
+    """Training labels of the anchors of every image of a batch (Sec. 3.1.2 of Faster R-CNN), all images at once.
 
     Anchors with IoU >= fg_iou with some GT box, and for each GT box the anchors attaining its highest IoU (ties
     included), are positive; IoU < bg_iou negative; the rest ignored. Then at most batch_size_per_image anchors
-    are sampled, at most positive_fraction of them positive; every unsampled anchor becomes ignored (-1).
-    Anchors crossing the image border are kept (detectron2 BOUNDARY_THRESH = -1).
+    per image are sampled, at most positive_fraction of them positive; every unsampled anchor becomes ignored (-1).
+    Anchors crossing the image border are kept (detectron2 BOUNDARY_THRESH = -1). No host sync.
 
     Args:
-        anchors: (M, 4); gt_boxes: (G, 4), G may be 0 (then every sampled anchor is negative).
+        anchors: (M, 4), the same for every image; gt_boxes: B tensors (G_i, 4), G_i may be 0 (then every sampled
+            anchor of that image is negative).
     Returns:
-        labels: (M,) float32 in {1, 0, -1}; matched_gt_boxes: (M, 4) in anchors' dtype, the best-matching GT box of
-        each anchor (meaningful only where labels == 1; zeros when G == 0).
+        labels: (B, M) float32 in {1, 0, -1}; matched_gt_boxes: (B, M, 4), the best-matching GT box of each anchor
+        in the GT boxes' dtype (meaningful only where labels == 1; zeros for an image without GT).
     """
-    if gt_boxes.dim() != 2 or gt_boxes.shape[1] != 4:
-        raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
-    iou = box_iou(gt_boxes, anchors)  # (G, M)
-    matched_idx, match_labels = match_boxes(iou, fg_iou, bg_iou, allow_low_quality=True)  # (M,), (M,)
-    pos_idx, neg_idx = sample_balanced(match_labels == 1, match_labels == 0, batch_size_per_image, positive_fraction)
-    labels = torch.full((anchors.shape[0],), -1.0, dtype=torch.float32, device=anchors.device)  # (M,)
-    labels[pos_idx] = 1.0
-    labels[neg_idx] = 0.0
-    if gt_boxes.shape[0] == 0:
-        matched = torch.zeros_like(anchors)  # (M, 4)
-    else:
-        matched = gt_boxes.to(anchors.dtype)[matched_idx]  # (M, 4)
+    for g in gt_boxes:
+        if g.dim() != 2 or g.shape[1] != 4:
+            raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(g.shape)}")
+    padded = torch.nn.utils.rnn.pad_sequence(list(gt_boxes), batch_first=True)  # (B, G_max, 4), zeros after G_i
+    counts = torch.tensor([g.shape[0] for g in gt_boxes], device=anchors.device)  # (B,)
+    valid = torch.arange(padded.shape[1], device=anchors.device) < counts[:, None]  # (B, G_max)
+    iou = _pairwise_iou(padded, anchors)  # (B, G_max, M)
+    matched_idx, match_labels = match_boxes(iou, fg_iou, bg_iou, allow_low_quality=True, gt_valid=valid)  # (B, M)
+    pos_idx, pos_taken, neg_idx, neg_taken = sample_balanced(match_labels == 1, match_labels == 0,
+                                                             batch_size_per_image, positive_fraction)
+    labels = torch.full(match_labels.shape, -1.0, device=anchors.device)  # (B, M)
+    labels.scatter_(1, neg_idx, torch.where(neg_taken, 0.0, labels.gather(1, neg_idx)))
+    labels.scatter_(1, pos_idx, torch.where(pos_taken, 1.0, labels.gather(1, pos_idx)))
+    if padded.shape[1] == 0:  # no image has a GT box
+        return labels, padded.new_zeros(labels.shape + (4,))
+    matched = torch.gather(padded, 1, matched_idx[:, :, None].expand(-1, -1, 4))  # (B, M, 4)
     return labels, matched
 
 
@@ -316,10 +320,8 @@ class RPN(nn.Module):
         """Label and sample each image's anchors against its GT boxes, then the two losses (Faster R-CNN Eqn. 1)."""
         all_anchors = torch.cat(anchors)  # (M, 4)
         with torch.no_grad():
-            labelled = [label_anchors(all_anchors, t["boxes"], self.fg_iou, self.bg_iou, self.batch_size_per_image,
-                                      self.positive_fraction) for t in targets]
-            labels = torch.stack([lab for lab, _ in labelled])  # (B, M)
-            matched = torch.stack([gt for _, gt in labelled])  # (B, M, 4)
+            labels, matched = label_anchors(all_anchors, [t["boxes"] for t in targets], self.fg_iou, self.bg_iou,
+                                            self.batch_size_per_image, self.positive_fraction)  # (B, M), (B, M, 4)
         return rpn_losses(all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched,
                           self.loss_normalizer(labels), box_reg_loss=self.box_reg_loss,
                           smooth_l1_beta=self.smooth_l1_beta)

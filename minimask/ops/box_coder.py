@@ -34,14 +34,14 @@ def _centers_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def encode(targets: Tensor, boxes: Tensor, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
-    """Deltas that take `boxes` onto `targets`; (N, 4), (N, 4) -> (N, 4), computed in fp32 (or fp64 for fp64 input).
+    """Deltas that take `boxes` onto `targets`; (N, 4), (N, 4) -> (N, 4), computed in fp32 (fp64 if either is).
 
     `boxes` must have positive width and height (anchors and proposals do); targets may be anything finite with
     positive size.
     """
     if targets.shape != boxes.shape or boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"targets and boxes must both be (N, 4), got {tuple(targets.shape)} and {tuple(boxes.shape)}")
-    dtype = torch.promote_types(boxes.dtype, torch.float32)
+    dtype = torch.promote_types(torch.promote_types(boxes.dtype, targets.dtype), torch.float32)
     px, py, pw, ph = _centers_and_sizes(boxes.to(dtype))
     gx, gy, gw, gh = _centers_and_sizes(targets.to(dtype))
     wx, wy, ww, wh = weights

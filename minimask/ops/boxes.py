@@ -37,16 +37,17 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def _pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU without input checks: (N, 4), (M, 4) -> (N, M), computed in at least fp32."""
-    dtype = torch.promote_types(boxes1.dtype, torch.float32)
-    boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])  # (N,)
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])  # (M,)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
-    wh = (bottom_right - top_left).clamp(min=0)  # (N, M, 2)
-    inter = wh[..., 0] * wh[..., 1]  # (N, M)
-    return inter / (area1[:, None] + area2[None, :] - inter)  # (N, M)
+    """IoU without input checks: (..., N, 4), (..., M, 4) -> (..., N, M) (leading dimensions broadcast), computed in
+    at least fp32."""
+    dtype = torch.promote_types(torch.promote_types(boxes1.dtype, boxes2.dtype), torch.float32)
+    a = boxes1.to(dtype)[..., :, None, :]  # (..., N, 1, 4)
+    b = boxes2.to(dtype)[..., None, :, :]  # (..., 1, M, 4)
+    area1 = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., N, 1)
+    area2 = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., 1, M)
+    width = (torch.min(a[..., 2], b[..., 2]) - torch.max(a[..., 0], b[..., 0])).clamp_(min=0)  # (..., N, M)
+    height = (torch.min(a[..., 3], b[..., 3]) - torch.max(a[..., 1], b[..., 1])).clamp_(min=0)
+    inter = width.mul_(height)
+    return inter / (area1 + area2 - inter)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -106,7 +107,7 @@ def _greedy_nms(boxes: Tensor, iou_threshold: float) -> Tensor:
     chain of boxes suppressing each other) settle everything: a few large tensor operations per round and one host
     sync every two rounds, instead of a scan over the boxes.
     """
-    suppresses = _pairwise_iou_grouped(boxes) > iou_threshold  # (G, M, M): j suppresses i if j is kept, j < i
+    suppresses = _pairwise_iou(boxes, boxes) > iou_threshold  # (G, M, M): j suppresses i if j is kept, j < i
     suppresses.triu_(diagonal=1)
     keep = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # (G, M)
     while True:
@@ -115,17 +116,6 @@ def _greedy_nms(boxes: Tensor, iou_threshold: float) -> Tensor:
         if torch.equal(once, twice):  # the fixed point
             return once
         keep = twice
-
-
-def _pairwise_iou_grouped(boxes: Tensor) -> Tensor:
-    """IoU of every pair within each group: (G, M, 4) -> (G, M, M), in at least fp32."""
-    boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
-    x1, y1, x2, y2 = boxes.unbind(dim=2)  # each (G, M)
-    area = (x2 - x1) * (y2 - y1)  # (G, M)
-    width = (torch.min(x2[:, :, None], x2[:, None, :]) - torch.max(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
-    height = (torch.min(y2[:, :, None], y2[:, None, :]) - torch.max(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
-    inter = width.mul_(height)  # (G, M, M)
-    return inter / (area[:, :, None] + area[:, None, :] - inter)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
