@@ -107,14 +107,15 @@ def _greedy_nms(boxes: Tensor, iou_threshold: float) -> Tensor:
     chain of boxes suppressing each other) settle everything: a few large tensor operations per round and one host
     sync every two rounds, instead of a scan over the boxes.
     """
-    suppresses = _pairwise_iou(boxes, boxes) > iou_threshold  # (G, M, M): j suppresses i if j is kept, j < i
-    suppresses.triu_(diagonal=1)
-    keep = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # (G, M)
+    # suppresses[g, j, i] = 1 when box j of group g would remove box i (j < i); as float, so that a round is one
+    # batched matrix product: the number of kept boxes that remove each box, exact in float32 for M < 2^24.
+    suppresses = (_pairwise_iou(boxes, boxes) > iou_threshold).triu_(diagonal=1).float()  # (G, M, M)
+    keep = torch.ones(boxes.shape[0], 1, boxes.shape[1], device=boxes.device)  # (G, 1, M)
     while True:
-        once = ~(suppresses & keep[:, :, None]).any(dim=1)
-        twice = ~(suppresses & once[:, :, None]).any(dim=1)
+        once = (torch.bmm(keep, suppresses) == 0).float()  # (G, 1, M): removed by no kept box
+        twice = (torch.bmm(once, suppresses) == 0).float()
         if torch.equal(once, twice):  # the fixed point
-            return once
+            return once[:, 0].bool()
         keep = twice
 
 

@@ -26,6 +26,8 @@ from torch.autograd.function import once_differentiable
 # Upper bound for the temporaries of one chunk; ~32 bytes per (bin, pixel) entry while building (indices, weights,
 # masks) and ~64 while sorting in the backward.
 _CHUNK_BYTES = 256 * 2**20
+# Padding entries a chunk may take on to absorb RoIs of a larger window rather than start a chunk of its own.
+_MERGE_SLACK = 2**16
 
 
 def roi_align_sparse(features: list[Tensor], rois: Tensor, levels: Tensor | None, scales: list[float],
@@ -249,7 +251,8 @@ def _plan_chunks(len_y: Tensor, len_x: Tensor, bins_per_roi: int, max_entries: i
     """Group RoIs (host side) into chunks of similar window size: yields (roi_ids, Ly, Lx).
 
     RoIs are sorted by (Ly, Lx); consecutive ones are merged while padding them to the chunk's largest window costs
-    at most 25% extra entries, and a chunk is split so it has at most `max_entries` entries.
+    at most 25% extra entries or at most `_MERGE_SLACK` entries (a chunk costs a dozen small operations: a few
+    large RoIs should not each make one), and a chunk is split so it has at most `max_entries` entries.
     """
     ids = torch.nonzero((len_y > 0) & (len_x > 0)).squeeze(1)  # RoIs with no sample in the map stay zero
     if len(ids) == 0:
@@ -265,7 +268,8 @@ def _plan_chunks(len_y: Tensor, len_x: Tensor, bins_per_roi: int, max_entries: i
     lo, max_y, max_x, exact = 0, 0, 0, 0
     for j, (ly, lx) in enumerate(zip(ly_sorted, lx_sorted)):
         new_y, new_x = max(max_y, ly), max(max_x, lx)
-        if j > lo and (j + 1 - lo) * new_y * new_x > 1.25 * (exact + ly * lx):
+        padded, needed = (j + 1 - lo) * new_y * new_x, exact + ly * lx
+        if j > lo and padded > 1.25 * needed and (padded - needed) * bins_per_roi > _MERGE_SLACK:
             yield from flush(lo, j, max_y, max_x)
             lo, new_y, new_x, exact = j, ly, lx, 0
         max_y, max_x, exact = new_y, new_x, exact + ly * lx
