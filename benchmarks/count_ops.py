@@ -20,8 +20,9 @@ one inference. The rules (BENCHMARKS.md, "Operation counts"):
 
 minimask's iteration is `minimask.engine.loop.train_step`'s: forward and loss; backward; the gradient norm and the
 one flag check, then the fused SGD step (phase "step"). The other libraries' models run with their own SGD.
-Weights are random (same seed); images are random with four boxes each (and box-filled masks / polygons). Counts
-that depend on data (NMS, sampling) vary a little with the seed.
+Weights are random (same seed); images are random with four boxes each (and box-filled masks / polygons). One
+iteration and one inference warm up first (caches such as the anchors'); the second is counted. Counts that depend
+on data (NMS, sampling) vary a little with the seed.
 """
 from __future__ import annotations
 
@@ -98,7 +99,11 @@ class HostCopyCounter(TorchFunctionMode):
 
 
 def count(train_phases, infer) -> tuple[dict, dict]:
-    """Run train_phases (a list of (phase, fn)) and infer under the counters; (counts, counts by op name)."""
+    """Run train_phases (a list of (phase, fn)) and infer once to warm up (caches, first-call work), then once more
+    under the counters; (counts, counts by op name)."""
+    for _, fn in train_phases:
+        fn()
+    infer()
     ops = OpCounter()
     with ops, HostCopyCounter(ops):
         for phase, fn in train_phases:
@@ -187,7 +192,8 @@ def detectron2_phases(height: int, width: int, batch: int, config_file: str):
         xy = torch.rand(4, 2, generator=g) * torch.tensor([width * 0.6, height * 0.6])
         wh = (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * torch.tensor([width, height])
         boxes = torch.cat([xy, xy + wh], dim=1)
-        instances = Instances((height, width), gt_boxes=Boxes(boxes), gt_classes=torch.randint(0, 80, (4,), generator=g),
+        instances = Instances((height, width), gt_boxes=Boxes(boxes),
+                              gt_classes=torch.randint(0, 80, (4,), generator=g),
                               gt_masks=PolygonMasks([[np.array([x1, y1, x2, y1, x2, y2, x1, y2], dtype=np.float64)]
                                                      for x1, y1, x2, y2 in boxes.tolist()]))
         inputs.append({"image": torch.rand(3, height, width, generator=g) * 255, "height": height, "width": width,
