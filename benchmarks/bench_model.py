@@ -106,8 +106,9 @@ def timed(fn, device, warmup, runs):
 
 class StageTimer:
     """Seconds spent per stage, by forward hooks on the model's parts and by wrapping the post-processing functions
-    where `minimask.model.roi_heads` calls them. Stages do not overlap; time outside all of them is "other" (input
-    normalisation and padding, proposal sampling, target building, loss functions)."""
+    where `minimask.model.roi_heads` and `minimask.interop.torchvision_conventions` call them. Stages do not
+    overlap; time outside all of them is "other" (input normalisation and padding, proposal sampling, target
+    building, loss functions)."""
 
     MODULES = {"backbone": "backbone+fpn", "fpn": "backbone+fpn", "rpn": "rpn", "box_head": "box_head",
                "box_predictor": "box_head", "box_heads": "box_head", "box_predictors": "box_head",
@@ -117,6 +118,7 @@ class StageTimer:
                  "heatmaps_to_keypoints": "postprocess_keypoints"}
 
     def __init__(self, model, device):
+        from minimask.interop import torchvision_conventions
         from minimask.model import roi_heads
         self.device, self.seconds, self._start = device, {}, None
         self._patched = []
@@ -124,10 +126,12 @@ class StageTimer:
             for module in self._find(model, name):
                 module.register_forward_pre_hook(lambda *_, s=stage: self._enter(s))
                 module.register_forward_hook(lambda *_, s=stage: self._exit(s))
-        for name, stage in self.FUNCTIONS.items():
-            original = getattr(roi_heads, name)
-            self._patched.append((roi_heads, name, original))
-            setattr(roi_heads, name, self._wrap(original, stage))
+        for module in (roi_heads, torchvision_conventions):
+            for name, stage in self.FUNCTIONS.items():
+                if hasattr(module, name):  # each module calls the functions it imported by name
+                    original = getattr(module, name)
+                    self._patched.append((module, name, original))
+                    setattr(module, name, self._wrap(original, stage))
 
     @staticmethod
     def _find(model, name):
