@@ -26,7 +26,7 @@ import torch
 from pycocotools.coco import COCO
 
 import minimask
-from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
+from minimask.cli import ArgumentParser, UsageError, data_spec, ensure_writable_dir, positive_int, require_file
 from minimask.distributed import init_distributed
 from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
 
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", help="COCO annotation file (ground truth)")
     p.add_argument("--config", help=f"model preset ({', '.join(_presets())})")
     p.add_argument("--weights", help="checkpoint .pth: a state dict or a dict with a 'model' entry")
-    p.add_argument("--data", help="COCO root holding annotations/ and the split's image folder, or 'synthetic'")
-    p.add_argument("--split", help="split under --data (default: val2017, or val for the synthetic layout)")
+    p.add_argument("--data", help="COCO root holding annotations/ and the split's image folder, 'synthetic', or "
+                   "annotation-file / image-folder pairs such as val=ANN.json:IMAGES")
+    p.add_argument("--split", help="split of --data (default: val2017, or val for the synthetic layout and pairs)")
     p.add_argument("--images", help="image folder for --ann")
     p.add_argument("--output", help="folder for results_*.json and metrics.json")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: several scales + horizontal flip")
@@ -76,6 +77,7 @@ def check_args(args) -> None:
     """Reject argument combinations that do not make sense (UsageError)."""
     if args.output:
         ensure_writable_dir(args.output)  # before any time is spent on inference
+    args.data, args.overrides = data_spec(args.data, args.overrides)
     model_only = {"--config": args.config, "--weights": args.weights, "--data": args.data, "--split": args.split,
                   "--images": args.images, "--tta": args.tta, "key=value overrides": args.overrides}
     if args.results:
@@ -163,13 +165,18 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_model_run(args) -> dict:
     """Everything that depends on the user's input (config, dataset, checkpoint), validated before inference."""
-    from minimask.data.coco import CocoDetection, dataset_splits, split_paths
+    from minimask.data.coco import CocoDetection, check_image_files, dataset_splits, is_data_pairs, split_paths
     from minimask.data.samplers import build_test_loader
     from minimask.data.transforms import build_transforms
 
     cfg = minimask.get_config(args.config, args.overrides)  # ValueError: unknown preset / key / value
     keypoints = cfg.model.keypoint_head.enabled
-    if args.data and args.split:
+    if args.data and is_data_pairs(args.data):
+        pairs, split = dataset_splits(args.data), args.split or "val"  # ValueError naming a missing path
+        if split not in pairs:
+            raise UsageError(f"--data: no {split} split among the pairs (give {split}=ANN.json:IMAGES)")
+        ann, images = pairs[split]
+    elif args.data and args.split:
         ann, images = split_paths(args.data, args.split, keypoints)
     elif args.data:
         ann, images = dataset_splits(args.data, keypoints)["val"]  # ValueError naming what is missing
@@ -184,6 +191,7 @@ def prepare_model_run(args) -> dict:
     transforms = None if args.tta else build_transforms(
         min_sizes=cfg.input.min_size_test, max_size=cfg.input.max_size_test, flip=False, train=False)
     dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False)  # COCO scores every image
+    check_image_files(dataset)
     if keypoints and dataset.num_keypoints == 0:
         raise UsageError(f"{args.config} predicts keypoints but {ann} has no keypoint annotations")
     state = read_detector_state(args.weights, cfg)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import minimask
-from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
+from minimask.cli import ArgumentParser, UsageError, data_spec, ensure_writable_dir
 from minimask.config import PRESETS, apply_override, to_dict
 from minimask.data import (
     CocoDetection,
@@ -41,7 +41,7 @@ from minimask.data import (
     build_transforms,
     subset_indices,
 )
-from minimask.data.coco import dataset_splits
+from minimask.data.coco import check_image_files, dataset_splits
 from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import init_distributed
 from minimask.engine import loop
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="r50_fpn_gn", help=f"preset ({', '.join(PRESETS)})")
     p.add_argument("--data", help="COCO root (annotations/ + train2017/ + val2017/), a synthetic root "
-                   "(annotations/instances_{train,val}.json + train/ + val/), or 'synthetic' (default: data.train)")
+                   "(annotations/instances_{train,val}.json + train/ + val/), 'synthetic', or annotation-file / "
+                   "image-folder pairs: train=ANN.json:IMAGES [val=ANN.json:IMAGES] (default: data.train)")
     p.add_argument("--init", choices=("random", "imagenet", "checkpoint"), default="random",
                    help="random (the paper's scratch setting), imagenet backbone weights, or a whole-model checkpoint")
     p.add_argument("--weights", help=".pth for --init imagenet (backbone state dict) or checkpoint (model)")
@@ -101,6 +102,7 @@ def resolve_config(args):
         raise UsageError("--weights needs --init imagenet or --init checkpoint (--init random trains from scratch)")
     if args.init != "random" and not args.weights:
         raise UsageError(f"--init {args.init} needs --weights FILE")
+    args.data, args.overrides = data_spec(args.data, args.overrides)
     cfg = minimask.get_config(args.config)
     s = cfg.solver
     if args.iters is not None or args.schedule:
@@ -147,9 +149,12 @@ def resolve_config(args):
 
 
 def resolve_splits(cfg) -> dict:
-    """{"train": (ann, images), "val": (ann, images)} from data.train / data.val, checked to exist."""
+    """{"train": (ann, images), "val": (ann, images)} from data.train / data.val, checked to exist; without a val
+    split (pairs that give only train=), no "val" entry."""
     keypoints = cfg.model.keypoint_head.enabled
     splits = dataset_splits(cfg.data.train, keypoints)
+    if "train" not in splits:
+        raise UsageError(f"--data: no train split in {cfg.data.train!r} (give train=ANN.json:IMAGES)")
     if cfg.data.val:
         splits["val"] = dataset_splits(cfg.data.val, keypoints)["val"]
     for name, (ann, images) in splits.items():
@@ -166,9 +171,14 @@ def build_datasets(cfg, keys, splits):
                           min_keypoints_per_image=cfg.data.min_keypoints_per_image, mask_format=inp.mask_format,
                           transforms=build_transforms(min_sizes=inp.min_size_train, max_size=inp.max_size_train,
                                                       flip=inp.horizontal_flip, train=True))
-    val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints, mask_format=inp.mask_format,
-                        transforms=build_transforms(min_sizes=inp.min_size_test, max_size=inp.max_size_test,
-                                                    flip=False, train=False))
+    val = None
+    if "val" in splits:
+        val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints, mask_format=inp.mask_format,
+                            transforms=build_transforms(min_sizes=inp.min_size_test, max_size=inp.max_size_test,
+                                                        flip=False, train=False))
+    for dataset in (train, val):  # a wrong image folder fails now, not at the first batch
+        if dataset is not None:
+            check_image_files(dataset)
     if len(train) == 0:  # an InfiniteSampler over nothing would fail at the first batch, deep in the loop
         st = train.stats
         raise UsageError(f"--data: no training image left in {splits['train'][0]} after filtering: {st['images']} "
@@ -263,11 +273,14 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
         (output / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
         print(f"training {s.max_iter} iterations, global batch {s.batch_size} ({world_size} process(es), "
               f"{per_rank} per process, {device}), lr {lr:g} (steps {s.steps}), {len(train_set)} training images")
+        if val_set is None:
+            print("note: the dataset has no val split, so the run is not evaluated (give val=ANN.json:IMAGES)")
     log = loop.MetricsLog(output / "metrics.jsonl", enabled=rank == 0)
     run = DetectionRun(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, train_set=train_set,
                        val_set=val_set, output=output, dist_info=dist_info, label_map=label_map, log=log)
     return loop.run(loop.TrainingLoop(
-        program="train.py", model=model, optimizer=optimizer, loss_fn=functools.partial(detection_losses, device=device),
+        program="train.py", model=model, optimizer=optimizer,
+        loss_fn=functools.partial(detection_losses, device=device),
         batches=lambda iteration: iter(build_train_loader(
             train_set, batch_size_per_rank=per_rank, seed=cfg.seed, rank=rank, world_size=world_size,
             start=consumed_samples(iteration, per_rank, world_size), num_workers=cfg.data.num_workers)),
@@ -276,8 +289,9 @@ def train(*, cfg, model, train_set, val_set, output: Path, dist_info, resume: bo
         max_iter=s.max_iter, output=output, dist_info=dist_info, checkpoint=run.checkpoint, finish=run.finish, log=log,
         resume=resume, restore=functools.partial(restore, model=model, optimizer=optimizer, scaler=scaler,
                                                  config_dict=config_dict, world_size=world_size),
-        evaluate=run.evaluate, eval_period=s.eval_period, checkpoint_period=s.checkpoint_period,
-        log_period=s.log_period, max_grad_norm=s.clip_grad_norm, scaler=scaler, autocast=autocast))
+        evaluate=run.evaluate if val_set is not None else None, eval_period=s.eval_period,
+        checkpoint_period=s.checkpoint_period, log_period=s.log_period, max_grad_norm=s.clip_grad_norm,
+        scaler=scaler, autocast=autocast))
 
 
 def detection_losses(model, batch, *, device) -> dict:
@@ -337,7 +351,8 @@ class DetectionRun:
             with loop.same_random_stream():  # the final checkpoint keeps the training run's random state
                 precise_bn(self.model, self.train_set, cfg=self.cfg, iteration=iteration, dist_info=self.dist_info)
         self.checkpoint("model_final.pth", iteration)
-        self._coco_ap(iteration)
+        if self.val_set is not None:
+            self._coco_ap(iteration)
         if self.dist_info.rank == 0:
             print(f"done: {iteration} iterations; final model {self.output / 'model_final.pth'}")
             if self.val_set is not None and len(self.val_set):  # no collectives: rank 0 only

@@ -6,10 +6,11 @@
     python visualize.py --weights maskrcnn_resnet50_fpn.pth --config torchvision_maskrcnn_r50_fpn --images a.jpg \
         --output vis/ --score-threshold 0.7 --device cuda
 
-The model comes from `minimask.interop.model_zoo.read_checkpoint` (a minimask training checkpoint carries its config; --config
-overrides it, and a bare state dict needs it). Images are resized as the model's test pipeline does (shorter side
-input.min_size_test, longer side at most input.max_size_test) and drawn at that size. --data takes "synthetic" or
-a COCO-layout root, as evaluate.py does; its first --num images are drawn. Bad input: one line on stderr, exit 2.
+The model comes from `minimask.interop.model_zoo.read_checkpoint` (a minimask training checkpoint carries its
+config; --config overrides it, and a bare state dict needs it). Images are resized as the model's test pipeline does
+(shorter side input.min_size_test, longer side at most input.max_size_test) and drawn at that size. --data takes
+"synthetic", a COCO-layout root or split=ANN.json:IMAGES pairs, as evaluate.py does; its first --num images are
+drawn. Bad input: one line on stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 import minimask
 from evaluate import select_device
-from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir, positive_int, require_file
+from minimask.cli import ArgumentParser, UsageError, data_spec, ensure_writable_dir, positive_int, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="model preset, overriding the checkpoint's own config")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", metavar="IMAGE", help="image files to draw detections on")
-    source.add_argument("--data", help="'synthetic' or a COCO-layout root (annotations/ + split folders)")
+    source.add_argument("--data", nargs="+", help="'synthetic', a COCO-layout root (annotations/ + split folders), "
+                        "or annotation-file / image-folder pairs such as val=ANN.json:IMAGES")
     p.add_argument("--split", help="split of --data (default: val)")
     p.add_argument("--num", type=positive_int, help="how many --data images to draw (default: 8)")
     p.add_argument("--output", required=True, help="folder for the PNGs")
@@ -76,7 +78,10 @@ def prepare(args) -> dict:
         dataset = ImageFiles(args.images, transforms, names)
         indices = range(len(dataset))
     else:
-        dataset = load_split(args.data, args.split or "val", transforms, keypoints=model.num_keypoints > 0)
+        data, rest = data_spec(args.data[0], args.data[1:])
+        if rest:
+            raise UsageError(f"--data takes one root or split=ANN.json:IMAGES pairs, not also {rest[0]!r}")
+        dataset = load_split(data, args.split or "val", transforms, keypoints=model.num_keypoints > 0)
         indices = range(min(args.num or 8, len(dataset)))
     return dict(model=model.to(device), dataset=dataset, indices=indices, out_dir=args.output, device=device,
                 score_threshold=args.score_threshold)
@@ -117,11 +122,16 @@ class ImageFiles:
 
 
 def load_split(data: str, split: str, transforms, keypoints: bool):
-    """A CocoDetection of `split` in `data` ("synthetic" or a COCO-layout root; "val" / "train" name the root's
-    val2017 / train2017 where it has those)."""
-    from minimask.data.coco import CocoDetection, dataset_splits, split_paths
+    """A CocoDetection of `split` in `data` ("synthetic", a COCO-layout root or split=ANN.json:IMAGES pairs; "val" /
+    "train" name the root's val2017 / train2017 where it has those)."""
+    from minimask.data.coco import CocoDetection, check_image_files, dataset_splits, is_data_pairs, split_paths
 
-    if split in ("train", "val"):
+    if is_data_pairs(data):
+        pairs = dataset_splits(data)  # ValueError naming a missing path
+        if split not in pairs:
+            raise UsageError(f"--data: no {split} split among the pairs (give {split}=ANN.json:IMAGES)")
+        ann, images = pairs[split]
+    elif split in ("train", "val"):
         ann, images = dataset_splits(data, keypoints)[split]  # ValueError naming what is missing
     elif data == "synthetic":
         raise UsageError(f"--split: the synthetic set has the splits train and val, not {split!r}")
@@ -130,7 +140,9 @@ def load_split(data: str, split: str, transforms, keypoints: bool):
     require_file(str(ann), "--data")
     if not Path(images).is_dir():
         raise UsageError(f"--data: no such image folder: {images}")
-    return CocoDetection(ann, images, transforms=transforms, filter_empty=False)
+    dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False)
+    check_image_files(dataset)
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> int:

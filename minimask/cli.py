@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
+
+from minimask.data.coco import DATA_PAIR
 
 
 class UsageError(Exception):
@@ -46,3 +49,14 @@ def ensure_writable_dir(path, flag: str = "--output") -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"{flag}: cannot write to {path} ({e.strerror or e})") from None
+
+
+def data_spec(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`--data` as one spec, and the config overrides without the data pairs. In `--data train=A.json:IMAGES
+    val=B.json:IMAGES key=value ...` argparse gives `--data` its first pair and the positional key=value list the
+    rest; the pairs are moved back (no config key starts with train= or val=), the overrides keep their order."""
+    pairs = [o for o in overrides if DATA_PAIR.match(o)]
+    if pairs and not (data and DATA_PAIR.match(data)):
+        raise UsageError(f"{pairs[0]!r}: split=ANN.json:IMAGES pairs follow --data (e.g. --data {pairs[0]})")
+    rest = [o for o in overrides if not DATA_PAIR.match(o)]
+    return (shlex.join([data, *pairs]) if data and DATA_PAIR.match(data) else data), rest

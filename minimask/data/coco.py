@@ -20,9 +20,10 @@ loading conventions (`data/datasets/coco.py`, `data/detection_utils.py`):
   `filter_images_with_few_keypoints`, MIN_KEYPOINTS_PER_IMAGE = 1). The counts are in `dataset.stats` and logged
   once on logger "minimask.data".
 - Masks: where every instance of an image is given as polygons (COCO's usual form) and `mask_format="polygon"`
-  (detectron2's INPUT.MASK_FORMAT default), the target carries the `polygons` themselves and no bitmap is decoded:
-  the mask head rasterises them inside each RoI (`minimask.model.mask_head.polygon_mask_targets`). RLE instances, an image
-  that mixes RLE with polygons, and `mask_format="bitmask"` give full-image bitmaps (`masks`) for all its instances.
+  (detectron2's INPUT.MASK_FORMAT default), the target carries the `polygons` themselves and no bitmap is
+  decoded: the mask head rasterises them inside each RoI (`minimask.model.mask_head.polygon_mask_targets`). RLE
+  instances, an image that mixes RLE with polygons, and `mask_format="bitmask"` give full-image bitmaps (`masks`)
+  for all its instances.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +59,20 @@ def split_paths(root, split: str, keypoints: bool = False) -> tuple[Path, Path]:
     return Path(root) / "annotations" / f"{kind}_{split}.json", Path(root) / split
 
 
+DATA_PAIR = re.compile(r"^(train|val)=")  # a `--data` pair: split=ANN.json:IMAGES
+
+
 def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, Path]]:
     """{"train": (ann, images), "val": (ann, images)} for a dataset given on the command line (`--data`).
 
     `spec` is "synthetic" (the built-in set, rendered into the cache on first use), a COCO 2017 root
-    (annotations/ + train2017/ + val2017/) or a root in the synthetic set's layout (annotations/ + train/ + val/).
-    ValueError names what is missing. The val split's files are not checked here.
+    (annotations/ + train2017/ + val2017/), a root in the synthetic set's layout (annotations/ + train/ + val/), or
+    annotation-file / image-folder pairs `train=ANN.json:IMAGES val=ANN.json:IMAGES` (shell-quoted where a path has
+    a space; either split may be left out, and then has no entry). ValueError names what is missing. A root's
+    val files are not checked here; pairs are checked whole (`data_pairs`).
     """
+    if is_data_pairs(spec):
+        return data_pairs(spec)
     if spec == "synthetic":
         from minimask.data.synthetic import synthetic_dataset  # renders ~30 s on first use
 
@@ -77,6 +87,46 @@ def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, 
     kind = "person_keypoints" if keypoints else "instances"
     raise ValueError(f"--data: {spec} holds neither annotations/{kind}_train2017.json nor {kind}_train.json "
                      f"(nor the val files)")
+
+
+def is_data_pairs(spec: str) -> bool:
+    """Whether a `--data` spec is split=ANN.json:IMAGES pairs (shell-quoted) rather than a name or a root."""
+    try:
+        tokens = shlex.split(spec)
+    except ValueError:  # an unbalanced quote: not pairs that `cli.data_spec` joined
+        return False
+    return bool(tokens) and DATA_PAIR.match(tokens[0]) is not None
+
+
+def data_pairs(spec: str) -> dict[str, tuple[Path, Path]]:
+    """{split: (annotation file, image folder)} from `split=ANN.json:IMAGES` pairs (split train or val; the last
+    colon separates the two paths), each checked to exist; ValueError naming the pair and the missing path."""
+    splits = {}
+    for token in shlex.split(spec):
+        name, _, pair = token.partition("=")
+        ann, colon, images = pair.rpartition(":")
+        if not DATA_PAIR.match(token) or not colon or not ann or not images:
+            raise ValueError(f"--data: expected train=ANN.json:IMAGES or val=ANN.json:IMAGES, got {token!r}")
+        if name in splits:
+            raise ValueError(f"--data: the {name} split is given twice")
+        if not Path(ann).is_file():
+            raise ValueError(f"--data {name}: no such annotation file: {ann}")
+        if not Path(images).is_dir():
+            raise ValueError(f"--data {name}: no such image folder: {images}")
+        splits[name] = (Path(ann), Path(images))
+    return splits
+
+
+def check_image_files(dataset: CocoDetection, *, sample: int = 100) -> None:
+    """ValueError unless the image folder holds the annotation file's images: checks the first image and up to
+    `sample` spread over the set (a wrong folder misses them all; a stat per image of a 118k-image set would be
+    slow on network file systems). Images missing later still fail by name when they are read."""
+    n = len(dataset)
+    picks = sorted({0, *(i * n // sample for i in range(sample))}) if n else []
+    missing = [dataset.image_path(i) for i in picks if not os.path.isfile(dataset.image_path(i))]
+    if missing:
+        raise ValueError(f"{dataset.image_dir} does not hold the images of {dataset.ann_file}: {len(missing)} of "
+                         f"{len(picks)} checked are missing, e.g. {missing[0]}")
 
 
 def load_image(path) -> torch.Tensor:
