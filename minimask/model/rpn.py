@@ -169,8 +169,8 @@ def find_top_proposals(
         training: if True, a non-finite box or logit raises FloatingPointError (detectron2 stops a diverged run);
             otherwise such proposals are dropped.
         rank_by_probability: NMS and the final top-k rank sigmoid(logit) instead of the logit (torchvision's
-            checkpoints, `minimask.interop.torchvision_conventions`). The order is the same except that float32 sigmoids of
-            large logits tie at 1.0, and ties keep their order.
+            checkpoints, `minimask.interop.torchvision_conventions`). The order is the same except that float32
+            sigmoids of large logits tie at 1.0, and ties keep their order.
     Returns:
         (boxes, scores): per image a (P_i, 4) float tensor and its (P_i,) logits (probabilities with
         rank_by_probability), sorted by decreasing score,
@@ -184,25 +184,11 @@ def find_top_proposals(
     if len(image_sizes) != num_images:
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {num_images}")
     with torch.no_grad():
-        batch_idx = torch.arange(num_images, device=pred_logits[0].device)[:, None]  # (B, 1)
-        scores, sel_anchors, sel_deltas, level_ids = [], [], [], []
-        for level, (anc, logit, delta) in enumerate(zip(anchors, pred_logits, pred_deltas)):
-            if logit.shape != (num_images, anc.shape[0]) or delta.shape != (num_images, anc.shape[0], 4):
-                raise ValueError(f"level {level}: logits {tuple(logit.shape)} / deltas {tuple(delta.shape)} do not "
-                                 f"match {anc.shape[0]} anchors and {num_images} images")
-            k = min(pre_nms_topk, anc.shape[0])
-            top_scores, top_idx = logit.topk(k, dim=1)  # (B, k), sorted
-            scores.append(top_scores)
-            sel_anchors.append(anc[top_idx])  # (B, k, 4)
-            sel_deltas.append(delta[batch_idx, top_idx])  # (B, k, 4)
-            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=logit.device))
-        scores = torch.cat(scores, dim=1)  # (B, K)
+        scores, sel_anchors, sel_deltas, level_ids = _top_anchors_per_level(anchors, pred_logits, pred_deltas,
+                                                                            pre_nms_topk)
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         if rank_by_probability:
             scores = scores.sigmoid()
-        sel_anchors = torch.cat(sel_anchors, dim=1)  # (B, K, 4)
-        sel_deltas = torch.cat(sel_deltas, dim=1)  # (B, K, 4)
-        level_ids = torch.cat(level_ids)  # (K,)
         boxes = decode(sel_deltas.reshape(-1, 4), sel_anchors.reshape(-1, 4), _RPN_BOX_WEIGHTS)  # (B*K, 4)
         boxes = boxes.view(num_images, -1, 4)  # (B, K, 4)
 
@@ -229,6 +215,25 @@ def find_top_proposals(
             out_boxes.append(boxes[take])
             out_scores.append(scores[take])
     return out_boxes, out_scores
+
+
+def _top_anchors_per_level(anchors, pred_logits, pred_deltas, pre_nms_topk: int):
+    """Each image's pre_nms_topk highest logits of every level, with their anchors and deltas, levels side by side:
+    scores (B, K), anchors (B, K, 4), deltas (B, K, 4) and the level of each column (K,)."""
+    num_images = pred_logits[0].shape[0]
+    batch_idx = torch.arange(num_images, device=pred_logits[0].device)[:, None]  # (B, 1)
+    scores, sel_anchors, sel_deltas, level_ids = [], [], [], []
+    for level, (anc, logit, delta) in enumerate(zip(anchors, pred_logits, pred_deltas)):
+        if logit.shape != (num_images, anc.shape[0]) or delta.shape != (num_images, anc.shape[0], 4):
+            raise ValueError(f"level {level}: logits {tuple(logit.shape)} / deltas {tuple(delta.shape)} do not "
+                             f"match {anc.shape[0]} anchors and {num_images} images")
+        k = min(pre_nms_topk, anc.shape[0])
+        top_scores, top_idx = logit.topk(k, dim=1)  # (B, k), sorted
+        scores.append(top_scores)
+        sel_anchors.append(anc[top_idx])  # (B, k, 4)
+        sel_deltas.append(delta[batch_idx, top_idx])  # (B, k, 4)
+        level_ids.append(torch.full((k,), level, dtype=torch.int64, device=logit.device))
+    return torch.cat(scores, dim=1), torch.cat(sel_anchors, dim=1), torch.cat(sel_deltas, dim=1), torch.cat(level_ids)
 
 
 class RPN(nn.Module):
