@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="r50_fpn_gn", help=f"preset ({', '.join(PRESETS)})")
     p.add_argument("--data", help="COCO root (annotations/ + train2017/ + val2017/), a synthetic root "
-                   "(annotations/instances_{train,val}.json + train/ + val/), 'synthetic', or annotation-file / "
-                   "image-folder pairs: train=ANN.json:IMAGES [val=ANN.json:IMAGES] (default: data.train)")
+                   "(annotations/instances_{train,val}.json + train/ + val/), 'synthetic', 'pennfudan', or "
+                   "annotation-file / image-folder pairs: train=ANN.json:IMAGES [val=ANN.json:IMAGES] "
+                   "(default: data.train)")
     p.add_argument("--init", choices=("random", "imagenet", "checkpoint"), default="random",
                    help="random (the paper's scratch setting), imagenet backbone weights, or a whole-model checkpoint")
     p.add_argument("--weights", help=".pth for --init imagenet (backbone state dict) or checkpoint (model)")

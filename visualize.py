@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="model preset, overriding the checkpoint's own config")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", metavar="IMAGE", help="image files to draw detections on")
-    source.add_argument("--data", nargs="+", help="'synthetic', a COCO-layout root (annotations/ + split folders), "
-                        "or annotation-file / image-folder pairs such as val=ANN.json:IMAGES")
+    source.add_argument("--data", nargs="+", help="'synthetic', 'pennfudan', a COCO-layout root (annotations/ + "
+                        "split folders), or annotation-file / image-folder pairs such as val=ANN.json:IMAGES")
     p.add_argument("--split", help="split of --data (default: val)")
     p.add_argument("--num", type=positive_int, help="how many --data images to draw (default: 8)")
     p.add_argument("--output", required=True, help="folder for the PNGs")

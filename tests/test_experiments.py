@@ -141,6 +141,7 @@ def test_prepare_builds_the_crop_folder_and_penn_fudan_layout(tmp_path, penn_fud
 
     build_synthetic(tmp_path / "syn", num_train=2, num_val=1)
     monkeypatch.setenv("MINIMASK_SHARED_DATA", str(penn_fudan.parent))
+    monkeypatch.setenv("MINIMASK_CACHE", str(tmp_path / "cache"))  # the converted JSON files go there
     grid = ex.Grid("g", "", (), prepare={"crops": {"source": "{data}", "size": 16, "train_images": 2,
                                                    "val_images": 1}, "pennfudan": {}})
     ex.prepare(grid, root=tmp_path / "root", data=str(tmp_path / "syn"))

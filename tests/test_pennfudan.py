@@ -306,3 +306,16 @@ def test_packaged_manifest_parses_and_is_sorted():
 
 def test_packaged_manifest_verifies_real_copy(penn_fudan):
     verify_manifest(penn_fudan)  # the packaged manifest, every file hashed
+
+
+def test_data_pennfudan_reads_the_cache(penn_fudan, tmp_path, monkeypatch):
+    """`--data pennfudan` (dataset_splits): a verified copy in the cache is converted and split 120 / 50."""
+    from minimask.data.coco import dataset_splits
+
+    monkeypatch.setenv("MINIMASK_CACHE", str(tmp_path))
+    (tmp_path / "pennfudan").mkdir()
+    (tmp_path / "pennfudan" / "PennFudanPed").symlink_to(penn_fudan, target_is_directory=True)
+    splits = dataset_splits("pennfudan")
+    assert {name: len(json.loads(ann.read_text())["images"]) for name, (ann, _) in splits.items()} == {
+        "train": 120, "val": 50}
+    assert splits["train"][1] == tmp_path / "pennfudan" / "PennFudanPed" / "PNGImages"

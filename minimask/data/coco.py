@@ -65,7 +65,8 @@ DATA_PAIR = re.compile(r"^(train|val)=")  # a `--data` pair: split=ANN.json:IMAG
 def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, Path]]:
     """{"train": (ann, images), "val": (ann, images)} for a dataset given on the command line (`--data`).
 
-    `spec` is "synthetic" (the built-in set, rendered into the cache on first use), a COCO 2017 root
+    `spec` is "synthetic" (the built-in set, rendered into the cache on first use), "pennfudan" (Penn-Fudan's 170
+    pedestrian photos, downloaded into the cache on first use and split 120 / 50), a COCO 2017 root
     (annotations/ + train2017/ + val2017/), a root in the synthetic set's layout (annotations/ + train/ + val/), or
     annotation-file / image-folder pairs `train=ANN.json:IMAGES val=ANN.json:IMAGES` (shell-quoted where a path has
     a space; either split may be left out, and then has no entry). ValueError names what is missing. A root's
@@ -78,6 +79,11 @@ def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, 
 
         paths = synthetic_dataset()
         return dict(train=(paths.train_ann, paths.train_images), val=(paths.val_ann, paths.val_images))
+    if spec == "pennfudan":
+        from minimask.data.pennfudan import pennfudan_dataset  # downloads ~50 MB on first use
+
+        paths = pennfudan_dataset()
+        return dict(train=(paths.train_ann, paths.image_dir), val=(paths.val_ann, paths.image_dir))
     root = Path(spec)
     if not root.is_dir():
         raise ValueError(f"--data: no such dataset folder: {spec}")

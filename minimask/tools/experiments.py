@@ -2,9 +2,9 @@
 that run them, and the collector that draws the paper-style figures and tables from the runs' metrics.jsonl.
 
 - A `Grid` is a named list of detector runs (`Run`: preset, init, iterations, batch, subset, overrides), optionally
-  with `pretrain.py` jobs (`Pretrain`) and data-preparation steps. Iterations come from `minimask.engine.solver.SCHEDULES`
-  (1x = 90k at batch 16) and the LR drops from `minimask.engine.solver.lr_steps` (the last 60k and 20k iterations for
-  >= 2x, Sec. 4 of the paper), exactly what train.py uses.
+  with `pretrain.py` jobs (`Pretrain`) and data-preparation steps. Iterations come from
+  `minimask.engine.solver.SCHEDULES` (1x = 90k at batch 16) and the LR drops from `minimask.engine.solver.lr_steps`
+  (the last 60k and 20k iterations for >= 2x, Sec. 4 of the paper), exactly what train.py uses.
 - The paper grids (`PAPER_GRIDS`): R50-FPN GN and SyncBN, random init vs ImageNet, 2x-6x (Fig. 1); R101;
   train-time scale augmentation 640-800 with random init 9x / pre-trained 6x, Cascade, X152 (the enhanced
   baselines); keypoints; and the 35k / 10k / 1k COCO subsets (training with less data). Groups whose schedules
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -248,7 +249,8 @@ def commands(grid: Grid, *, launcher: str = "local", root="runs", data: str = "d
     if not grid.verified:
         out.append(f"# WARNING: {grid.note}")
     if grid.prepare:
-        out.append(f"python experiments.py prepare {grid.name} --root {shlex.quote(str(root))} --data {shlex.quote(data)}")
+        out.append(f"python experiments.py prepare {grid.name} --root {shlex.quote(str(root))} "
+                   f"--data {shlex.quote(data)}")
     jobs = [(f"{grid.name}/{p.name}: pretrain.py, {p.iters} iterations at batch {p.batch_size}",
              pretrain_argv(p, root=root, data=data)) for p in grid.pretrain]
     jobs += [(describe(grid, r), train_argv(grid, r, root=root, data=data, weights_dir=weights_dir))
@@ -295,7 +297,8 @@ def shared_data_dir() -> Path | None:
 def prepare(grid: Grid, *, root, data: str = "synthetic") -> None:
     """Build what the grid's jobs read: the crop image folder ({root}/data/crops/{train,val}/<class>) and Penn-Fudan
     in the COCO layout train.py --data takes ({root}/data/pennfudan/annotations/instances_{train,val}.json and
-    train/, val/ links to PNGImages/). Finished steps are skipped."""
+    train/, val/ links to PNGImages/; the shared copy where there is one, else downloaded into the cache). Finished
+    steps are skipped."""
     from minimask.data.coco import dataset_splits
     from minimask.tools.classification import CROP_MARKER, build_crop_folder
 
@@ -312,21 +315,20 @@ def prepare(grid: Grid, *, root, data: str = "synthetic") -> None:
             print(f"prepare: crops of {splits[split][0]} -> {out}", flush=True)
             build_crop_folder(*splits[split], out, size=spec["size"], max_images=spec[f"{split}_images"])
     if "pennfudan" in grid.prepare:
-        from minimask.data.pennfudan import convert_pennfudan
+        from minimask.data.pennfudan import PENNFUDAN_URL, pennfudan_dataset
 
         out = root / "data" / "pennfudan"
         if not (out / "annotations" / "instances_val.json").is_file():
             shared = shared_data_dir()
-            if shared is None or not (shared / "PennFudanPed" / "PNGImages").is_dir():
-                raise ValueError("Penn-Fudan not found: set MINIMASK_SHARED_DATA to the folder holding PennFudanPed/")
-            print(f"prepare: Penn-Fudan {shared / 'PennFudanPed'} -> {out}", flush=True)
-            paths = convert_pennfudan(shared / "PennFudanPed", out / "converted")
+            local = shared / "PennFudanPed" if shared and (shared / "PennFudanPed" / "PNGImages").is_dir() else None
+            print(f"prepare: Penn-Fudan {local or PENNFUDAN_URL} -> {out}", flush=True)
+            paths = pennfudan_dataset(local)  # checked against its SHA-256 manifest; downloaded when not local
             (out / "annotations").mkdir(parents=True, exist_ok=True)
             for split, ann in (("train", paths.train_ann), ("val", paths.val_ann)):
                 link = out / split
                 if not link.exists():
                     link.symlink_to(paths.image_dir.resolve(), target_is_directory=True)
-                os.replace(ann, out / "annotations" / f"instances_{split}.json")
+                shutil.copyfile(ann, out / "annotations" / f"instances_{split}.json")
 
 
 # ---- running a grid -----------------------------------------------------------------------------------------------
