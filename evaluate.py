@@ -8,6 +8,10 @@ Run a model on a COCO split and score it (writes results_{bbox,segm,keypoints}.j
     python evaluate.py --config tiny --weights ckpt.pth --ann val.json --images val/ --output out/ [--tta]
     python evaluate.py ... model.roi_heads.score_thresh=0.01            (key=value config overrides)
     torchrun --nproc_per_node 8 evaluate.py --config ...                (disjoint shards; rank 0 reports)
+Pedestrian benchmarks (KAIST, converted by `python -m minimask.data.kaist`): `--metric miss-rate` reports the
+log-average miss rate of the person class instead of AP, and draws miss_rate.png into --output:
+    python evaluate.py --config r50_fpn_gn --weights model_final.pth --data val=kaist_test.json:KAIST/images \
+        --metric miss-rate --output out/
 num_classes comes from the dataset unless an override pins it. The checkpoint is a `.pth` holding a state dict or
 a dict with a "model" entry (loaded with weights_only=True). Bad input -> a one-line error and exit code 2.
 """
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import sys
 import time
 import warnings
@@ -49,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "'pennfudan', or annotation-file / image-folder pairs such as val=ANN.json:IMAGES")
     p.add_argument("--split", help="split of --data (default: val2017, or val for the synthetic layout and pairs)")
     p.add_argument("--images", help="image folder for --ann")
-    p.add_argument("--output", help="folder for results_*.json and metrics.json")
+    p.add_argument("--output", help="folder for results_*.json and metrics.json (and miss_rate.png)")
+    p.add_argument("--metric", choices=("coco", "miss-rate"), default="coco",
+                   help="COCO AP (pycocotools), or the log-average miss rate of the KAIST benchmark for the person "
+                        "class (its Reasonable / Scale / Occlusion settings; day and night where the images say)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: several scales + horizontal flip")
     p.add_argument("--tta-scales", type=_int_tuple, default=TTA_SCALES, help="shorter sides for --tta, e.g. 600,800")
     p.add_argument("--tta-max-size", type=positive_int, default=TTA_MAX_SIZE, help="longer-side cap for --tta")
@@ -125,6 +133,11 @@ def score_results_file(args) -> int:
     kind = result_type(results)  # ValueError for a file that is not a list of result dicts
     coco_gt = load_coco(args.ann)
     print(f"{args.results}: {len(results)} {kind} results")
+    if args.metric == "miss-rate":
+        if kind != "bbox":
+            raise ValueError(f"--metric miss-rate scores boxes; {args.results} holds {kind} results")
+        report_miss_rate(coco_gt.dataset, results, args.output)
+        return 0
     try:
         metrics = evaluate_coco(coco_gt, results, iou_types=(kind,))
     except (KeyError, TypeError) as e:  # pycocotools on malformed entries
@@ -132,6 +145,21 @@ def score_results_file(args) -> int:
     if args.output:
         write_json(Path(args.output) / "metrics.json", metrics)
     return 0
+
+
+def report_miss_rate(dataset: dict, results: list[dict], output: str | None) -> dict:
+    """Print the MR^-2 table of `results` (COCO box results) on `dataset` (a COCO dict); with `output`, also write
+    metrics.json ("MR/<setting>" in percent) and miss_rate.png (the Reasonable curves, log-log)."""
+    from minimask.miss_rate import coco_miss_rate, format_table, plot_miss_rate
+
+    values, curves = coco_miss_rate(dataset, results)
+    print(format_table(values))
+    metrics = {f"MR/{name}": None if math.isnan(value) else value for name, value in values.items()}
+    if output:
+        write_json(Path(output) / "metrics.json", metrics)
+        if curves:
+            print(f"wrote {plot_miss_rate(curves, Path(output) / 'miss_rate.png', title='miss rate against FPPI')}")
+    return metrics
 
 
 def _load_json(path: str, flag: str):
@@ -207,7 +235,7 @@ def prepare_model_run(args) -> dict:
     iou_types = ["bbox"] + ["segm"] * cfg.model.mask_head.enabled + ["keypoints"] * keypoints
     tta = dict(tta_scales=args.tta_scales, tta_flip=True, tta_max_size=args.tta_max_size) if args.tta else {}
     return dict(model=model, loader=loader, dataset=dataset, device=device, rank=rank, world_size=world_size,
-                iou_types=tuple(iou_types), output=args.output, tta=tta)
+                iou_types=tuple(iou_types), output=args.output, tta=tta, metric=args.metric)
 
 
 def select_device(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -263,7 +291,7 @@ def load_weights(model: torch.nn.Module, state: dict, path: str, dataset_categor
         warnings.warn(f"{path} was trained on other categories than the dataset's; AP counts matching ids only")
 
 
-def run_model(*, model, loader, dataset, device, rank, world_size, iou_types, output, tta) -> int:
+def run_model(*, model, loader, dataset, device, rank, world_size, iou_types, output, tta, metric="coco") -> int:
     start = time.perf_counter()
     if rank == 0:
         mode = f"TTA scales {tta['tta_scales']} + flip" if tta else "single scale"
@@ -273,7 +301,11 @@ def run_model(*, model, loader, dataset, device, rank, world_size, iou_types, ou
     results = gather_results(local, seen, dataset.ids)
     if rank == 0:
         print(f"Inference done in {time.perf_counter() - start:.1f} s: {len(results)} detections")
-        metrics = evaluate_coco(dataset.coco, results, iou_types=iou_types)
+        if metric == "miss-rate":
+            iou_types = ("bbox",)
+            metrics = report_miss_rate(dataset.coco.dataset, results, output)
+        else:
+            metrics = evaluate_coco(dataset.coco, results, iou_types=iou_types)
         if output:
             for kind in iou_types:
                 fields = RESULT_FIELDS[kind]

@@ -162,6 +162,9 @@ class DataConfig:
     # Keypoint training leaves out images whose instances have fewer visible keypoints in all (D2
     # ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE); persons without keypoints still train boxes and masks
     min_keypoints_per_image: int = 1
+    # Evaluations also report KAIST's log-average miss rate of the person class (minimask.miss_rate; "MR/<setting>"
+    # in metrics.jsonl, lower is better); on by itself for datasets from the KAIST converter (minimask.data.kaist)
+    miss_rate: bool = False
 
 
 @dataclass

@@ -243,7 +243,9 @@ def evaluate_image(gt: Mapping, dets: Mapping, setting: Setting | str, *, iou_th
                    box_format: str = "xyxy") -> ImageResult:
     """Filter and match one image for a setting (steps 1-3 of the module docstring).
 
-    gt: see `filter_ground_truth`; dets: {"boxes": (D, 4) in `box_format`, "scores": (D,) finite}."""
+    gt: see `filter_ground_truth`; an optional gt["bounds"] replaces `bounds` for this image (datasets whose
+    images differ in size); dets: {"boxes": (D, 4) in `box_format`, "scores": (D,) finite}."""
+    bounds = gt.get("bounds", bounds)
     for key in ("boxes", "scores"):
         if key not in dets:
             raise ValueError(f"detections are missing the key {key!r}")
@@ -373,3 +375,64 @@ def plot_miss_rate(curves: Mapping[str, tuple], path: str | Path, *, title: str 
     ax.legend(fontsize=8, loc="lower left")
     fig.savefig(path, dpi=100)
     return Path(path)
+
+
+# ---- COCO-format datasets and results ----------------------------------------------------------------------------
+
+def coco_inputs(dataset: Mapping, results: Sequence[Mapping], *, category: str = "person"):
+    """(gts, dets, image_conditions) for `evaluate_miss_rate` from a COCO dataset dict and COCO box results.
+
+    Every image counts, in id order. Ground truth: the bbGt label is the annotation's `kaist_label` where the KAIST
+    converter (`minimask.data.kaist`) wrote one, else `category` for its regular boxes and "people" (ignored) for
+    its crowd boxes, else the category name (removed); `occlusion` and `ignore` as stored (0 when absent); bounds
+    [5, W - 5] x [5, H - 5] of each image ([5, 635] x [5, 507] for KAIST's frames). Detections: the results of
+    `category`. image_conditions: each image's `daytime` where every image has one, else None."""
+    names = {c["id"]: c["name"] for c in dataset["categories"]}
+    if category not in names.values():
+        raise ValueError(f"the dataset has no {category!r} category (it has {sorted(names.values())})")
+    images = sorted(dataset["images"], key=lambda im: im["id"])
+    row = {im["id"]: i for i, im in enumerate(images)}
+    gts = [dict(boxes=[], labels=[], occlusion=[], ignore=[], bounds=image_bounds(width=im["width"],
+                                                                                 height=im["height"]))
+           for im in images]
+    for ann in dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        name = names[ann["category_id"]]
+        label = ann.get("kaist_label") or (("people" if ann.get("iscrowd") else name) if name == category else name)
+        gt = gts[row[ann["image_id"]]]
+        gt["boxes"].append([x, y, x + w, y + h])
+        gt["labels"].append(label)
+        gt["occlusion"].append(int(ann.get("occlusion", 0)))
+        gt["ignore"].append(int(ann.get("ignore", 0)))
+    dets = [dict(boxes=[], scores=[]) for _ in images]
+    for r in results:
+        if names.get(r["category_id"]) == category:
+            x, y, w, h = r["bbox"]
+            dets[row[r["image_id"]]]["boxes"].append([x, y, x + w, y + h])
+            dets[row[r["image_id"]]]["scores"].append(r["score"])
+    for d in gts + dets:
+        d["boxes"] = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4)  # (N, 4)
+    conditions = [im.get("daytime") for im in images]
+    return gts, dets, (conditions if all(c in CONDITIONS for c in conditions) else None)
+
+
+def has_kaist_labels(dataset: Mapping) -> bool:
+    """Whether a COCO dataset dict came from the KAIST converter (its annotations carry `kaist_label`)."""
+    return any("kaist_label" in ann for ann in dataset["annotations"])
+
+
+def coco_miss_rate(dataset: Mapping, results: Sequence[Mapping], *, category: str = "person"):
+    """MR^-2 in percent of every setting the dataset allows (day / night where its images say which), and the
+    Reasonable settings' curves for `plot_miss_rate`: returns ({name: MR^-2 %}, {name: (fppi, miss)})."""
+    gts, dets, conditions = coco_inputs(dataset, results, category=category)
+    values = evaluate_miss_rate(gts, dets, image_conditions=conditions)
+    curves = {name: evaluate_setting(gts, dets, name, image_conditions=conditions)
+              for name, value in values.items() if name.startswith("Reasonable") and not math.isnan(value)}
+    return {name: 100.0 * value for name, value in values.items()}, curves
+
+
+def format_table(values: Mapping[str, float]) -> str:
+    """The MR^-2 of each setting as a two-column text table (percent; lower is better; "n/a" where undefined)."""
+    lines = [f"{'setting':<16} MR^-2 (%)"]
+    lines += [f"{name:<16} {'n/a' if math.isnan(value) else f'{value:.2f}':>9}" for name, value in values.items()]
+    return "\n".join(lines)

@@ -83,6 +83,10 @@ def test_train_evaluate_visualize_on_pairs(own_data, tmp_path, capsys):
     assert evaluate.main(["--config", "tiny", "--weights", weights, "--data", pair("val", own_data, "held out"),
                           "--output", str(tmp_path / "ev"), "model.roi_heads.num_classes=6"]) == 0
     assert (tmp_path / "ev" / "metrics.json").is_file()
+    assert evaluate.main(["--config", "tiny", "--weights", weights, "--data", pair("val", own_data, "held out"),
+                          "--metric", "miss-rate", "--output", str(tmp_path / "mr"),
+                          "model.roi_heads.num_classes=6"]) == 0
+    assert set(json.loads((tmp_path / "mr" / "metrics.json").read_text())) >= {"MR/Reasonable-all", "MR/Occ=heavy"}
     assert visualize.main(["--weights", weights, "--data", pair("val", own_data, "held out"), "--num", "2",
                            "--output", str(tmp_path / "vis")]) == 0
     assert len(list((tmp_path / "vis").glob("*.png"))) == 2
@@ -106,3 +110,28 @@ def test_bad_pairs_are_one_line_naming_the_path(own_data, tmp_path, capsys, scri
             }[script]()
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err, err
+
+
+def test_miss_rate_in_training_and_in_evaluate(own_data, tmp_path, capsys):
+    """data.miss_rate=True logs KAIST's MR^-2 of the person class at each evaluation; evaluate.py --metric
+    miss-rate scores a results file: the ground truth fed back scores the floor (1e-10 = 1e-8 %)."""
+    out = tmp_path / "run"
+    assert train.main(["--data", pair("train", own_data, "fields"), pair("val", own_data, "held out"),
+                       "--output", str(out), *FAST, "data.miss_rate=True"]) == 0
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert "MR/Reasonable-all" in evals[-1] and "bbox/AP" in evals[-1]
+    assert "Reasonable-all" in capsys.readouterr().out
+    ann = tmp_path / "people.json"  # two 320 x 240 images, a person 100 px tall inside the bounds of each
+    ann.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 320, "height": 240} for i in (1, 2)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [40.0 * i, 50, 40, 100], "area": 4000,
+                         "iscrowd": 0} for i in (1, 2)],
+        "categories": [{"id": 1, "name": "person"}]}))
+    results = [{"image_id": i, "category_id": 1, "bbox": [40.0 * i, 50, 40, 100], "score": 0.9} for i in (1, 2)]
+    (tmp_path / "gt.json").write_text(json.dumps(results))
+    assert evaluate.main(["--results", str(tmp_path / "gt.json"), "--ann", str(ann), "--metric", "miss-rate",
+                          "--output", str(tmp_path / "mr")]) == 0
+    metrics = json.loads((tmp_path / "mr" / "metrics.json").read_text())
+    assert metrics["MR/Reasonable-all"] == pytest.approx(1e-8) and metrics["MR/Scale=far"] is None
+    assert (tmp_path / "mr" / "miss_rate.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Reasonable-all" in capsys.readouterr().out

@@ -126,6 +126,18 @@ def test_collector_draws_figures_and_tables_with_equal_compute(tmp_path):
         co.collect([], tmp_path / "empty")
 
 
+def test_collector_plots_and_tabulates_the_miss_rate_where_logged(tmp_path):
+    _fake_run(tmp_path / "runs" / "kaist", init="random", iters=20, steps=[13, 18], batch=2, aps=[(10, 1.0)])
+    with open(tmp_path / "runs" / "kaist" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 20, "kind": "eval", "bbox/AP": 2.0, "MR/Reasonable-all": 41.5}) + "\n")
+    runs = co.find_runs([tmp_path / "runs"])
+    assert co._kinds([co.load_run(p) for p in runs]) == ["bbox", "segm", "MR"]  # a panel each (MR: lower is better)
+    assert co.collect(runs, tmp_path / "report")["files"] == ["ap.png", "table.md"]
+    table = (tmp_path / "report" / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| run "))
+    assert "MR^-2 (Reasonable)" in header and "| 41.5 |" in table
+
+
 def test_collect_cli_and_runs_without_an_experiment_record(tmp_path, capsys):
     _fake_run(tmp_path / "a", init="random", iters=4, steps=[3, 4], batch=2, aps=[(4, 1.5)])
     (tmp_path / "a" / "experiment.json").unlink()  # a run not started by the runner: init unknown, config used

@@ -337,3 +337,45 @@ def test_matches_an_independent_brute_force(seed, margin):
     assert list(out) == list(expected)
     np.testing.assert_allclose([out[k] for k in out], [expected[k] for k in out], rtol=1e-12)
     assert sum(0 < v < 1 for v in out.values()) >= 5  # the fixtures exercise the interesting range
+
+
+def _coco(images, annotations):
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}]}
+
+
+def test_coco_inputs_labels_bounds_and_conditions():
+    images = [{"id": 2, "width": 100, "height": 80, "daytime": "night"},
+              {"id": 1, "width": 640, "height": 512, "daytime": "day"}]
+    annotations = [{"image_id": 1, "category_id": 1, "bbox": [10, 20, 30, 60], "iscrowd": 0, "occlusion": 1},
+                   {"image_id": 1, "category_id": 1, "bbox": [200, 20, 30, 60], "iscrowd": 1},
+                   {"image_id": 1, "category_id": 1, "bbox": [300, 20, 30, 60], "iscrowd": 1, "kaist_label": "cyclist",
+                    "ignore": 1},
+                   {"image_id": 2, "category_id": 2, "bbox": [1, 2, 3, 4], "iscrowd": 0}]
+    results = [{"image_id": 2, "category_id": 1, "bbox": [5, 5, 10, 20], "score": 0.5},
+               {"image_id": 1, "category_id": 2, "bbox": [5, 5, 10, 20], "score": 0.9}]
+    gts, dets, conditions = mr.coco_inputs(_coco(images, annotations), results)
+    assert conditions == ["day", "night"]  # images in id order
+    assert gts[0]["labels"] == ["person", "people", "cyclist"] and gts[1]["labels"] == ["car"]
+    np.testing.assert_allclose(gts[0]["boxes"][0], [10, 20, 40, 80])
+    assert gts[0]["occlusion"] == [1, 0, 0] and gts[0]["ignore"] == [0, 0, 1]
+    assert gts[0]["bounds"] == mr.KAIST_BOUNDS and gts[1]["bounds"] == (5, 5, 95, 75)
+    assert dets[0]["boxes"].shape == (0, 4)  # the car detection is not a person's
+    np.testing.assert_allclose(dets[1]["boxes"], [[5, 5, 15, 25]])
+    with pytest.raises(ValueError, match="no 'dog' category"):
+        mr.coco_inputs(_coco(images, annotations), results, category="dog")
+
+
+def test_coco_miss_rate_of_the_ground_truth_itself_is_the_floor():
+    # Tall persons (h 100 >= 55, inside the bounds) found exactly, at any score: miss 0 everywhere -> 1e-10 = 1e-8 %.
+    images = [{"id": i, "width": 640, "height": 512, "daytime": d} for i, d in ((1, "day"), (2, "night"), (3, "day"))]
+    annotations = [{"image_id": i, "category_id": 1, "bbox": [50.0 * i, 100, 40, 100], "iscrowd": 0}
+                   for i in (1, 2, 3)]
+    results = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in annotations]
+    values, curves = mr.coco_miss_rate(_coco(images, annotations), results)
+    assert values["Reasonable-all"] == pytest.approx(1e-8) and values["Reasonable-night"] == pytest.approx(1e-8)
+    assert math.isnan(values["Scale=far"])  # no person 1-45 px tall: undefined, not 0
+    assert set(curves) == {"Reasonable-all", "Reasonable-day", "Reasonable-night"}
+    # No detections: miss 1 at every reference -> 100 %.
+    assert mr.coco_miss_rate(_coco(images, annotations), [])[0]["Reasonable-all"] == pytest.approx(100.0)
+    assert "Reasonable-all" in mr.format_table(values)

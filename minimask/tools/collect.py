@@ -2,12 +2,13 @@
 ImageNet Pre-training" (He, Girshick, Dollar 2019): AP against iterations for several runs overlaid, random init and
 pre-trained in two colours, the LR drops marked (as in its Fig. 1), the same against images seen with pre-training
 counted (its Fig. 2 counts the images seen in pre-training and fine-tuning), and a Markdown table of the final
-box / mask / keypoint AP.
+box / mask / keypoint AP, and of the log-average miss rate where the runs logged it (KAIST's Reasonable setting).
 
-A run folder is train.py's --output: metrics.jsonl (`minimask.engine.run_log`), config.json, and experiment.json, written by
-`minimask.tools.experiments.run_grid` (init, schedule, LR drops, --weights). A run without experiment.json is shown with
-init "unknown" from its config.json. When a run's --weights is a pretrain.py checkpoint, its "pretrain" metadata
-(`minimask.tools.classification.read_pretrain_info`) gives the pre-training iterations, batch size and images seen.
+A run folder is train.py's --output: metrics.jsonl (`minimask.engine.run_log`), config.json, and experiment.json,
+written by `minimask.tools.experiments.run_grid` (init, schedule, LR drops, --weights). A run without
+experiment.json is shown with init "unknown" from its config.json. When a run's --weights is a pretrain.py
+checkpoint, its "pretrain" metadata (`minimask.tools.classification.read_pretrain_info`) gives the pre-training
+iterations, batch size and images seen.
 
     from minimask.tools.collect import collect, find_runs
     collect(find_runs(["runs/mini"]), "runs/mini/report")   # ap.png, ap_equal_compute.png, table.md, summary.json
@@ -94,8 +95,14 @@ def load_run(path) -> RunResult:
                      wall_seconds=record.get("wall_seconds"), cpu_seconds=record.get("cpu_seconds"))
 
 
+# What each panel plots: kind -> (metric, axis label). The miss rate (KAIST's MR^-2, minimask.miss_rate) falls as
+# a detector improves; AP rises.
+PANELS = {"bbox": ("AP", "bbox AP (%)"), "segm": ("AP", "segm AP (%)"), "keypoints": ("AP", "keypoints AP (%)"),
+          "MR": ("Reasonable-all", "MR^-2, Reasonable (%; lower is better)")}
+
+
 def _kinds(results) -> list[str]:
-    return [k for k in ("bbox", "segm", "keypoints") if any(r.final(k) is not None for r in results)]
+    return [k for k, (metric, _) in PANELS.items() if any(r.final(k, metric) is not None for r in results)]
 
 
 def _colour(init: str) -> str:
@@ -103,8 +110,9 @@ def _colour(init: str) -> str:
 
 
 def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False) -> None:
-    """AP against iterations (or images seen, pre-training included) per AP type; random init and pre-trained in
-    two colours, one line style per schedule, dotted verticals at each run's LR drops (the paper's Fig. 1)."""
+    """AP (and the miss rate where logged) against iterations (or images seen, pre-training included) per type;
+    random init and pre-trained in two colours, one line style per schedule, dotted verticals at each run's LR
+    drops (the paper's Fig. 1)."""
     from matplotlib.figure import Figure
 
     kinds = _kinds(results)
@@ -113,10 +121,11 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
     fig = Figure(figsize=(6.2 * len(kinds), 4.6))
     styles = ["-", "--", "-.", ":"]
     for i, kind in enumerate(kinds):
+        metric, ylabel = PANELS[kind]
         ax = fig.add_subplot(1, len(kinds), i + 1)
         order, shaded = {}, set()
         for r in results:
-            points = [(e["iter"], e[f"{kind}/AP"]) for e in r.evals if e.get(f"{kind}/AP") is not None]
+            points = [(e["iter"], e[f"{kind}/{metric}"]) for e in r.evals if e.get(f"{kind}/{metric}") is not None]
             if not points:
                 continue
             style = styles[order.setdefault(r.init, {}).setdefault(r.label, len(order[r.init])) % len(styles)]
@@ -134,7 +143,7 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
                 shaded.add(offset)
                 ax.axvspan(0, offset, color=colour, alpha=0.05)
         xlabel = "images seen (pre-training included; shaded)" if equal_compute else "iterations"
-        ax.set(xlabel=xlabel, ylabel=f"{kind} AP (%)", title=f"{kind} AP on the val split")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel.split(',')[0].split(' (')[0]} on the val split")
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -153,14 +162,14 @@ def markdown_table(results: list[RunResult]) -> str:
     short = {"bbox": "box", "segm": "mask", "keypoints": "kp"}
     head = ["run", "init", "schedule", "iterations", "LR drops"]
     for k in kinds:
-        head += [f"{short[k]} AP", f"{short[k]} AP50", f"{short[k]} AP75"]
+        head += ["MR^-2 (Reasonable)"] if k == "MR" else [f"{short[k]} AP", f"{short[k]} AP50", f"{short[k]} AP75"]
     head += ["images (fine-tune)", "images (pre-train)", "images (total)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         done = f"{r.last_iter}" if r.last_iter >= r.max_iter else f"{r.last_iter} of {r.max_iter}"
         row = [r.label, r.init, r.schedule or "-", done, ", ".join(map(str, r.steps)) or "-"]
         for k in kinds:
-            row += [_fmt(r.final(k, m)) for m in ("AP", "AP50", "AP75")]
+            row += [_fmt(r.final(k, m)) for m in (("Reasonable-all",) if k == "MR" else ("AP", "AP50", "AP75"))]
         row += [f"{r.images:,}", f"{r.pretrain_images:,}" if r.pretrain else "-", f"{r.images + r.pretrain_images:,}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
