@@ -124,15 +124,16 @@ def data_pairs(spec: str) -> dict[str, tuple[Path, Path]]:
 
 
 def check_image_files(dataset: CocoDetection, *, sample: int = 100) -> None:
-    """ValueError unless the image folder holds the annotation file's images: checks the first image and up to
-    `sample` spread over the set (a wrong folder misses them all; a stat per image of a 118k-image set would be
-    slow on network file systems). Images missing later still fail by name when they are read."""
+    """ValueError when the image folder does not hold the annotation file's images: none of the first image and up
+    to `sample` others spread over the set exists (a wrong folder misses them all; a stat per image of a 118k-image
+    set would be slow on network file systems). A few missing images are left to loading, which names each one
+    (or skips it with `skip_bad_images`)."""
     n = len(dataset)
     picks = sorted({0, *(i * n // sample for i in range(sample))}) if n else []
     missing = [dataset.image_path(i) for i in picks if not os.path.isfile(dataset.image_path(i))]
-    if missing:
-        raise ValueError(f"{dataset.image_dir} does not hold the images of {dataset.ann_file}: {len(missing)} of "
-                         f"{len(picks)} checked are missing, e.g. {missing[0]}")
+    if picks and len(missing) == len(picks):
+        raise ValueError(f"{dataset.image_dir} does not hold the images of {dataset.ann_file}: none of the "
+                         f"{len(picks)} checked is there, e.g. {missing[0]}")
 
 
 def load_image(path) -> torch.Tensor:
