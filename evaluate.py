@@ -193,21 +193,14 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_model_run(args) -> dict:
     """Everything that depends on the user's input (config, dataset, checkpoint), validated before inference."""
-    from minimask.data.coco import CocoDetection, check_image_files, dataset_splits, is_data_pairs, split_paths
+    from minimask.data.coco import CocoDetection, check_image_files, split_files
     from minimask.data.samplers import build_test_loader
     from minimask.data.transforms import build_transforms
 
     cfg = minimask.get_config(args.config, args.overrides)  # ValueError: unknown preset / key / value
     keypoints = cfg.model.keypoint_head.enabled
-    if args.data and is_data_pairs(args.data):
-        pairs, split = dataset_splits(args.data), args.split or "val"  # ValueError naming a missing path
-        if split not in pairs:
-            raise UsageError(f"--data: no {split} split among the pairs (give {split}=ANN.json:IMAGES)")
-        ann, images = pairs[split]
-    elif args.data and args.split:
-        ann, images = split_paths(args.data, args.split, keypoints)
-    elif args.data:
-        ann, images = dataset_splits(args.data, keypoints)["val"]  # ValueError naming what is missing
+    if args.data:
+        ann, images = split_files(args.data, args.split, keypoints)  # ValueError naming what is missing
     else:
         ann, images = Path(args.ann), Path(args.images)
     require_file(str(ann), "--ann" if args.ann else "--data")

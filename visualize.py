@@ -124,19 +124,9 @@ class ImageFiles:
 def load_split(data: str, split: str, transforms, keypoints: bool):
     """A CocoDetection of `split` in `data` ("synthetic", a COCO-layout root or split=ANN.json:IMAGES pairs; "val" /
     "train" name the root's val2017 / train2017 where it has those)."""
-    from minimask.data.coco import CocoDetection, check_image_files, dataset_splits, is_data_pairs, split_paths
+    from minimask.data.coco import CocoDetection, check_image_files, split_files
 
-    if is_data_pairs(data):
-        pairs = dataset_splits(data)  # ValueError naming a missing path
-        if split not in pairs:
-            raise UsageError(f"--data: no {split} split among the pairs (give {split}=ANN.json:IMAGES)")
-        ann, images = pairs[split]
-    elif split in ("train", "val"):
-        ann, images = dataset_splits(data, keypoints)[split]  # ValueError naming what is missing
-    elif data == "synthetic":
-        raise UsageError(f"--split: the synthetic set has the splits train and val, not {split!r}")
-    else:
-        ann, images = split_paths(data, split, keypoints)
+    ann, images = split_files(data, split, keypoints)  # ValueError naming what is missing
     require_file(str(ann), "--data")
     if not Path(images).is_dir():
         raise UsageError(f"--data: no such image folder: {images}")

@@ -153,7 +153,8 @@ def filter_ground_truth(gt: Mapping, setting: Setting | str, *, bounds: Sequence
     """bbGt `bbLoad` filtering of one image's ground truth for a setting.
 
     gt: {"boxes": (G, 4) in `box_format`, "labels": G strings, "occlusion": (G,) int in {0, 1, 2},
-    "ignore": optional (G,) 0/1}. Returns (boxes (G', 4) bbGt l t w h, ignore (G',) bool) where the G' boxes are those
+    "ignore": optional (G,) 0/1, "bounds": optional, replaces `bounds` for this image (datasets whose images differ
+    in size)}. Returns (boxes (G', 4) bbGt l t w h, ignore (G',) bool) where the G' boxes are those
     whose label is in `positive_labels` or `ignore_labels` (others are removed), in input order."""
     setting = get_setting(setting)
     for key in ("boxes", "labels", "occlusion"):
@@ -166,6 +167,7 @@ def filter_ground_truth(gt: Mapping, setting: Setting | str, *, bounds: Sequence
         raise ValueError(f"ground-truth labels has {len(labels)} entries for {n} boxes")
     occlusion = _per_box(gt["occlusion"], n, "ground-truth occlusion", np.int64)  # (G,)
     own_ignore = _per_box(gt.get("ignore", np.zeros(n)), n, "ground-truth ignore", np.float64) != 0  # (G,)
+    bounds = gt.get("bounds", bounds)
     if len(bounds) != 4:
         raise ValueError(f"bounds must be (x_min, y_min, x_max, y_max), got {bounds!r}")
     known = np.array([label in positive_labels or label in ignore_labels for label in labels], dtype=bool)
@@ -243,9 +245,7 @@ def evaluate_image(gt: Mapping, dets: Mapping, setting: Setting | str, *, iou_th
                    box_format: str = "xyxy") -> ImageResult:
     """Filter and match one image for a setting (steps 1-3 of the module docstring).
 
-    gt: see `filter_ground_truth`; an optional gt["bounds"] replaces `bounds` for this image (datasets whose
-    images differ in size); dets: {"boxes": (D, 4) in `box_format`, "scores": (D,) finite}."""
-    bounds = gt.get("bounds", bounds)
+    gt: see `filter_ground_truth`; dets: {"boxes": (D, 4) in `box_format`, "scores": (D,) finite}."""
     for key in ("boxes", "scores"):
         if key not in dets:
             raise ValueError(f"detections are missing the key {key!r}")

@@ -14,12 +14,13 @@ from minimask import miss_rate as mr
 REFS = [10 ** (-2 + 0.25 * k) for k in range(9)]
 
 
-def gt(*objects):
-    """objects: (box, label[, occlusion[, ignore]]) tuples -> ground-truth dict."""
+def gt(*objects, bounds=None):
+    """objects: (box, label[, occlusion[, ignore]]) tuples -> ground-truth dict (with the image's bounds if given)."""
     objects = [tuple(o) + (0, 0)[len(o) - 2:] for o in objects]
-    return {"boxes": np.array([o[0] for o in objects], dtype=float).reshape(-1, 4),
-            "labels": [o[1] for o in objects], "occlusion": np.array([o[2] for o in objects], dtype=int),
-            "ignore": np.array([o[3] for o in objects], dtype=int)}
+    out = {"boxes": np.array([o[0] for o in objects], dtype=float).reshape(-1, 4),
+           "labels": [o[1] for o in objects], "occlusion": np.array([o[2] for o in objects], dtype=int),
+           "ignore": np.array([o[3] for o in objects], dtype=int)}
+    return out if bounds is None else {**out, "bounds": bounds}
 
 
 def dt(*pairs):
@@ -305,7 +306,9 @@ def _brute_force(gts, dets, name, conditions, margin=None):
     return math.exp(sum(logs) / len(logs))
 
 
-def _random_dataset(seed, num_images=30):
+def _random_dataset(seed, num_images=30, grid=False):
+    """Random persons (some ignored, removed, occluded, out of bounds), noisy detections of 70 % of them and a few
+    false positives; grid=True snaps boxes to whole pixels and scores to tenths, so exact overlaps and ties occur."""
     rng = np.random.default_rng(seed)
     labels = ["person"] * 6 + ["people", "person?", "person?a", "cyclist", "dog"]
     gts, dets = [], []
@@ -314,6 +317,8 @@ def _random_dataset(seed, num_images=30):
         h = rng.uniform(20, 200, n)
         x1, y1 = rng.uniform(-5, 620, n), rng.uniform(-5, 420, n)
         boxes = np.stack([x1, y1, x1 + 0.41 * h * rng.uniform(0.8, 1.2, n), y1 + h], axis=1)
+        if grid:
+            boxes = np.round(boxes)
         gts.append({"boxes": boxes, "labels": [labels[k] for k in rng.integers(0, len(labels), n)],
                     "occlusion": rng.integers(0, 3, n), "ignore": (rng.random(n) < 0.1).astype(int)})
         found = boxes[rng.random(n) < 0.7]
@@ -323,8 +328,11 @@ def _random_dataset(seed, num_images=30):
         fx, fy = rng.uniform(0, 600, m), rng.uniform(0, 400, m)
         false = np.stack([fx, fy, fx + 0.41 * fh, fy + fh], axis=1)
         all_boxes = np.concatenate([found, false]).reshape(-1, 4)
+        if grid:
+            all_boxes = np.round(all_boxes)
         all_boxes[:, 2:] = np.maximum(all_boxes[:, 2:], all_boxes[:, :2] + 1)
-        dets.append({"boxes": all_boxes, "scores": rng.random(len(all_boxes))})
+        scores = rng.random(len(all_boxes))
+        dets.append({"boxes": all_boxes, "scores": np.round(scores, 1) if grid else scores})
     conditions = list(rng.choice(["day", "night"], num_images))
     return gts, dets, conditions
 

@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,63 +38,12 @@ import pytest
 
 from minimask import miss_rate as mr
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_miss_rate import A, B, C, EMPTY_DT, EMPTY_GT, REGION, _random_dataset, dt, gt  # noqa: E402
+
 TOL = 1e-6
 
-# ---- fixture builders (the same conventions as tests/test_miss_rate.py: minimask x1 y1 x2 y2 boxes) ---------------
-
-
-def gt(*objects, bounds=None):
-    """objects: (box, label[, occlusion[, ignore]]) tuples -> ground-truth dict."""
-    objects = [tuple(o) + (0, 0)[len(o) - 2:] for o in objects]
-    out = {"boxes": np.array([o[0] for o in objects], dtype=float).reshape(-1, 4),
-           "labels": [o[1] for o in objects], "occlusion": np.array([o[2] for o in objects], dtype=int),
-           "ignore": np.array([o[3] for o in objects], dtype=int)}
-    if bounds is not None:
-        out["bounds"] = bounds
-    return out
-
-
-def dt(*pairs):
-    """pairs: (box, score) -> detections dict."""
-    return {"boxes": np.array([p[0] for p in pairs], dtype=float).reshape(-1, 4),
-            "scores": np.array([p[1] for p in pairs], dtype=float)}
-
-
-EMPTY_GT, EMPTY_DT = gt(), dt()
-A, B, C = (100, 100, 140, 200), (200, 100, 240, 180), (550, 100, 590, 190)  # persons, heights 100, 80, 90
-REGION = (300, 100, 500, 400)  # a "people" group: ignored by its label
 Q = (200, 100, 240, 200)
-
-
-def _random_dataset(seed, num_images=30, grid=False):
-    """Random persons (some ignored, removed, occluded, out of bounds), noisy detections of 70 % of them and a few
-    false positives; grid=True snaps boxes to whole pixels and scores to tenths, so exact overlaps and ties occur."""
-    rng = np.random.default_rng(seed)
-    labels = ["person"] * 6 + ["people", "person?", "person?a", "cyclist", "dog"]
-    gts, dets = [], []
-    for _ in range(num_images):
-        n = int(rng.integers(0, 6))
-        h = rng.uniform(20, 200, n)
-        x1, y1 = rng.uniform(-5, 620, n), rng.uniform(-5, 420, n)
-        boxes = np.stack([x1, y1, x1 + 0.41 * h * rng.uniform(0.8, 1.2, n), y1 + h], axis=1)
-        if grid:
-            boxes = np.round(boxes)
-        gts.append({"boxes": boxes, "labels": [labels[k] for k in rng.integers(0, len(labels), n)],
-                    "occlusion": rng.integers(0, 3, n), "ignore": (rng.random(n) < 0.1).astype(int)})
-        found = boxes[rng.random(n) < 0.7]
-        found = found + rng.normal(0, 4, found.shape)
-        m = int(rng.integers(0, 4))
-        fh = rng.uniform(15, 220, m)
-        fx, fy = rng.uniform(0, 600, m), rng.uniform(0, 400, m)
-        false = np.stack([fx, fy, fx + 0.41 * fh, fy + fh], axis=1)
-        all_boxes = np.concatenate([found, false]).reshape(-1, 4)
-        if grid:
-            all_boxes = np.round(all_boxes)
-        all_boxes[:, 2:] = np.maximum(all_boxes[:, 2:], all_boxes[:, :2] + 1)
-        scores = rng.random(len(all_boxes))
-        dets.append({"boxes": all_boxes, "scores": np.round(scores, 1) if grid else scores})
-    conditions = list(rng.choice(["day", "night"], num_images))
-    return gts, dets, conditions
 
 
 def _fixtures():
@@ -252,7 +202,7 @@ def _build_cases():
                 continue
             _rows(case_lines, [str(case["id"]), str(len(images))])
             for k, i in enumerate(images, start=1):
-                boxes, ignore = mr.filter_ground_truth(gts[i], setting, bounds=gts[i].get("bounds", mr.KAIST_BOUNDS))
+                boxes, ignore = mr.filter_ground_truth(gts[i], setting)
                 for box, ign in zip(boxes, ignore):
                     _rows(gt_lines, [str(case["id"]), str(k), *box, str(int(ign))])
                 det_boxes = mr.xyxy_to_ltwh(dets[i]["boxes"])

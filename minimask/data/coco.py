@@ -95,6 +95,21 @@ def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, 
                      f"(nor the val files)")
 
 
+def split_files(spec: str, split: str | None = None, keypoints: bool = False) -> tuple[Path, Path]:
+    """(annotation file, image folder) of one split of a `--data` spec, for the scripts that read one split: "val"
+    (the default) and "train" through `dataset_splits` (a COCO root's val2017 / train2017), another name (a COCO
+    root's "val2014", say) through `split_paths`. ValueError naming what is missing; existence of a root's files
+    is not checked here."""
+    if split in (None, "train", "val"):
+        name, splits = split or "val", dataset_splits(spec, keypoints)
+        if name not in splits:
+            raise ValueError(f"--data: no {name} split among the pairs (give {name}=ANN.json:IMAGES)")
+        return splits[name]
+    if is_data_pairs(spec) or spec in ("synthetic", "pennfudan"):
+        raise ValueError(f"--split: {spec} has the splits train and val, not {split!r}")
+    return split_paths(spec, split, keypoints)
+
+
 def is_data_pairs(spec: str) -> bool:
     """Whether a `--data` spec is split=ANN.json:IMAGES pairs (shell-quoted) rather than a name or a root."""
     try:
