@@ -95,14 +95,19 @@ def load_run(path) -> RunResult:
                      wall_seconds=record.get("wall_seconds"), cpu_seconds=record.get("cpu_seconds"))
 
 
-# What each panel plots: kind -> (metric, axis label). The miss rate (KAIST's MR^-2, minimask.miss_rate) falls as
-# a detector improves; AP rises.
-PANELS = {"bbox": ("AP", "bbox AP (%)"), "segm": ("AP", "segm AP (%)"), "keypoints": ("AP", "keypoints AP (%)"),
-          "MR": ("Reasonable-all", "MR^-2, Reasonable (%; lower is better)")}
+# What each panel plots: kind -> (metric, axis label, title). The miss rate (KAIST's MR^-2, minimask.miss_rate)
+# falls as a detector improves; AP rises.
+PANELS = {"bbox": ("AP", "bbox AP (%)", "bbox AP"), "segm": ("AP", "segm AP (%)", "segm AP"),
+          "keypoints": ("AP", "keypoints AP (%)", "keypoints AP"),
+          "MR": ("Reasonable-all", "MR^-2, Reasonable (%; lower is better)", "MR^-2")}
+# The table's columns per kind: (metric, header).
+COLUMNS = {kind: tuple((m, f"{short} {m}") for m in ("AP", "AP50", "AP75"))
+           for kind, short in (("bbox", "box"), ("segm", "mask"), ("keypoints", "kp"))}
+COLUMNS["MR"] = (("Reasonable-all", "MR^-2 (Reasonable)"),)
 
 
 def _kinds(results) -> list[str]:
-    return [k for k, (metric, _) in PANELS.items() if any(r.final(k, metric) is not None for r in results)]
+    return [k for k, (metric, _, _) in PANELS.items() if any(r.final(k, metric) is not None for r in results)]
 
 
 def _colour(init: str) -> str:
@@ -121,7 +126,7 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
     fig = Figure(figsize=(6.2 * len(kinds), 4.6))
     styles = ["-", "--", "-.", ":"]
     for i, kind in enumerate(kinds):
-        metric, ylabel = PANELS[kind]
+        metric, ylabel, title = PANELS[kind]
         ax = fig.add_subplot(1, len(kinds), i + 1)
         order, shaded = {}, set()
         for r in results:
@@ -143,7 +148,7 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
                 shaded.add(offset)
                 ax.axvspan(0, offset, color=colour, alpha=0.05)
         xlabel = "images seen (pre-training included; shaded)" if equal_compute else "iterations"
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel.split(',')[0].split(' (')[0]} on the val split")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title} on the val split")
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -159,17 +164,14 @@ def _fmt(value, digits: int = 1) -> str:
 def markdown_table(results: list[RunResult]) -> str:
     """Final AP / AP50 / AP75 per type, with iterations, LR drops, images seen and pre-training images."""
     kinds = _kinds(results)
-    short = {"bbox": "box", "segm": "mask", "keypoints": "kp"}
     head = ["run", "init", "schedule", "iterations", "LR drops"]
-    for k in kinds:
-        head += ["MR^-2 (Reasonable)"] if k == "MR" else [f"{short[k]} AP", f"{short[k]} AP50", f"{short[k]} AP75"]
+    head += [header for k in kinds for _, header in COLUMNS[k]]
     head += ["images (fine-tune)", "images (pre-train)", "images (total)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         done = f"{r.last_iter}" if r.last_iter >= r.max_iter else f"{r.last_iter} of {r.max_iter}"
         row = [r.label, r.init, r.schedule or "-", done, ", ".join(map(str, r.steps)) or "-"]
-        for k in kinds:
-            row += [_fmt(r.final(k, m)) for m in (("Reasonable-all",) if k == "MR" else ("AP", "AP50", "AP75"))]
+        row += [_fmt(r.final(k, m)) for k in kinds for m, _ in COLUMNS[k]]
         row += [f"{r.images:,}", f"{r.pretrain_images:,}" if r.pretrain else "-", f"{r.images + r.pretrain_images:,}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
