@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import sys
 import time
 import warnings
@@ -150,11 +149,11 @@ def score_results_file(args) -> int:
 def report_miss_rate(dataset: dict, results: list[dict], output: str | None) -> dict:
     """Print the MR^-2 table of `results` (COCO box results) on `dataset` (a COCO dict); with `output`, also write
     metrics.json ("MR/<setting>" in percent) and miss_rate.png (the Reasonable curves, log-log)."""
-    from minimask.miss_rate import coco_miss_rate, format_table, plot_miss_rate
+    from minimask.miss_rate import as_metrics, coco_miss_rate, format_table, plot_miss_rate
 
     values, curves = coco_miss_rate(dataset, results)
     print(format_table(values))
-    metrics = {f"MR/{name}": None if math.isnan(value) else value for name, value in values.items()}
+    metrics = as_metrics(values)
     if output:
         write_json(Path(output) / "metrics.json", metrics)
         if curves:

@@ -59,7 +59,7 @@ from minimask.engine.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, 
 from minimask.evaluation import evaluate_coco, gather_results, inference
 from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions
 from minimask.interop.weight_files import read_weights
-from minimask.miss_rate import coco_miss_rate, format_table, has_kaist_labels
+from minimask.miss_rate import as_metrics, coco_miss_rate, format_table, has_kaist_labels
 from minimask.tools.visualize import save_visualizations
 
 EXIT_DIVERGED, EXIT_USAGE = loop.EXIT_DIVERGED, loop.EXIT_USAGE
@@ -399,7 +399,7 @@ def run_evaluation(model, val_set, *, device, rank, world_size, iteration, cfg, 
     if cfg.data.miss_rate or has_kaist_labels(val_set.coco.dataset):
         values, _ = coco_miss_rate(val_set.coco.dataset, results)
         print(format_table(values))
-        metrics.update({f"MR/{name}": None if math.isnan(v) else v for name, v in values.items()})
+        metrics.update(as_metrics(values))
     log.append({"iter": iteration, "kind": "eval", **metrics})
     plot_metrics(log.history, output)
 

@@ -341,16 +341,22 @@ def evaluate_miss_rate(gts: Sequence[Mapping], dets: Sequence[Mapping], *,
 
     gts[i], dets[i]: one image each (see `evaluate_image`, which receives image_kwargs). settings defaults to all of
     `SETTINGS` when image_conditions is given, else to those over all images."""
+    curves = setting_curves(gts, dets, settings=settings, image_conditions=image_conditions, **image_kwargs)
+    return {name: float("nan") if curve is None else log_average_miss_rate(*curve) for name, curve in curves.items()}
+
+
+def setting_curves(gts: Sequence[Mapping], dets: Sequence[Mapping], *,
+                   settings: Sequence[Setting | str] | None = None, image_conditions: Sequence[str] | None = None,
+                   **image_kwargs) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+    """The (fppi, miss) curve of each setting (see `evaluate_miss_rate` for the arguments); None where the setting
+    has no image or no regular box."""
     _check_images(gts, dets, image_conditions)
     if settings is None:
         settings = [s for s in SETTINGS.values() if image_conditions is not None or s.subset == "all"]
     out = {}
     for setting in map(get_setting, settings):
         results = _setting_results(gts, dets, setting, image_conditions, image_kwargs)
-        if not results or sum(r.num_gt for r in results) == 0:
-            out[setting.name] = float("nan")
-            continue
-        out[setting.name] = log_average_miss_rate(*miss_rate_curve(results))
+        out[setting.name] = miss_rate_curve(results) if results and sum(r.num_gt for r in results) else None
     return out
 
 
@@ -425,10 +431,15 @@ def coco_miss_rate(dataset: Mapping, results: Sequence[Mapping], *, category: st
     """MR^-2 in percent of every setting the dataset allows (day / night where its images say which), and the
     Reasonable settings' curves for `plot_miss_rate`: returns ({name: MR^-2 %}, {name: (fppi, miss)})."""
     gts, dets, conditions = coco_inputs(dataset, results, category=category)
-    values = evaluate_miss_rate(gts, dets, image_conditions=conditions)
-    curves = {name: evaluate_setting(gts, dets, name, image_conditions=conditions)
-              for name, value in values.items() if name.startswith("Reasonable") and not math.isnan(value)}
-    return {name: 100.0 * value for name, value in values.items()}, curves
+    curves = setting_curves(gts, dets, image_conditions=conditions)
+    values = {name: float("nan") if c is None else 100.0 * log_average_miss_rate(*c) for name, c in curves.items()}
+    return values, {name: c for name, c in curves.items() if name.startswith("Reasonable") and c is not None}
+
+
+def as_metrics(values: Mapping[str, float]) -> dict[str, float | None]:
+    """MR^-2 per setting as metrics.json / metrics.jsonl entries: "MR/<setting>", None where undefined (JSON has
+    no NaN)."""
+    return {f"MR/{name}": None if math.isnan(value) else value for name, value in values.items()}
 
 
 def format_table(values: Mapping[str, float]) -> str:
