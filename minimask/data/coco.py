@@ -52,6 +52,19 @@ class ImageLoadError(OSError):
     """An image file is missing, empty, not an image, truncated or corrupt; the message names the file."""
 
 
+def write_json(path, data) -> None:
+    """Write `data` as compact JSON to `path` through a temporary file and os.replace, so that readers never see
+    half a file (the converters' annotation files and markers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def split_paths(root, split: str, keypoints: bool = False) -> tuple[Path, Path]:
     """(annotation file, image folder) of `split` in a COCO-layout root: annotations/instances_<split>.json (or
     person_keypoints_<split>.json) and <split>/. Existence is not checked."""

@@ -50,15 +50,15 @@ Conversion:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
+
+from minimask.data.coco import write_json
 
 BBGT_HEADER = "% bbGt version=3"
 CATEGORIES = [{"id": 1, "name": "person"}]
@@ -221,17 +221,6 @@ def _image_record(image_root: Path, image_id: int, set_name: str, video: str, fr
             "set": set_name, "video": video, "frame": frame, "daytime": daytime(set_name)}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write `data` to `path` through a temporary file and os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_kaist(image_root, annotation_root, list_file, *, read_sizes: bool = False,
                 strict_labels: bool = False) -> dict:
     """The COCO dict of the frames of `list_file` (see `convert_kaist`, which writes it)."""
@@ -272,7 +261,7 @@ def convert_kaist(image_root, annotation_root, list_file, out_json, *, read_size
     """
     data = build_kaist(image_root, annotation_root, list_file, read_sizes=read_sizes, strict_labels=strict_labels)
     out_json = Path(out_json)
-    _write_json(out_json, data)
+    write_json(out_json, data)
     return out_json
 
 
@@ -302,7 +291,7 @@ def main(argv=None) -> int:
     try:
         data = build_kaist(args.images, args.annotations, args.list, read_sizes=args.read_sizes,
                            strict_labels=args.strict_labels)
-        _write_json(Path(args.output), data)
+        write_json(Path(args.output), data)
     except (OSError, ValueError) as e:  # missing files and malformed entries: the message names the culprit
         print(f"kaist: error: {e}", file=sys.stderr)
         return 2

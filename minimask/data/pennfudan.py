@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from minimask.data.coco import write_json
 from minimask.data.synthetic import default_cache_dir
 
 NUM_VAL = 50
@@ -101,12 +102,6 @@ def mask_instances(mask: np.ndarray) -> list[dict]:
     return anns
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
 def convert_pennfudan(root, out_dir, *, num_val: int = NUM_VAL) -> PennFudanPaths:
     """Convert `root` (the PennFudanPed folder) into `out_dir`/{train,val,all}.json and return their paths.
 
@@ -146,9 +141,9 @@ def convert_pennfudan(root, out_dir, *, num_val: int = NUM_VAL) -> PennFudanPath
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = PennFudanPaths(image_dir, out_dir / "train.json", out_dir / "val.json", out_dir / "all.json")
     cut = len(images) - num_val
-    _write_json(paths.train_ann, subset(images[:cut], "train"))
-    _write_json(paths.val_ann, subset(images[cut:], "val"))
-    _write_json(paths.all_ann, subset(images, "all"))
+    write_json(paths.train_ann, subset(images[:cut], "train"))
+    write_json(paths.val_ann, subset(images[cut:], "val"))
+    write_json(paths.all_ann, subset(images, "all"))
     return paths
 
 
@@ -310,5 +305,5 @@ def pennfudan_dataset(source=None, *, cache_dir=None, url: str = PENNFUDAN_URL,
     if not (done and all(p.is_file() for p in (paths.train_ann, paths.val_ann, paths.all_ann))):
         marker.unlink(missing_ok=True)  # a conversion interrupted from here on is never taken as complete
         paths = convert_pennfudan(root, out_dir, num_val=num_val)
-        _write_json(marker, key)
+        write_json(marker, key)
     return paths
