@@ -60,8 +60,9 @@ class CascadeRoIHeads(RoIHeads):
         box_predictors: one class-agnostic `BoxPredictor` per stage (4 regression outputs).
         stage_ious: the foreground IoU threshold of each stage.
         stage_reg_weights: the box-coder weights of each stage.
-        **kwargs: every other `RoIHeads` keyword argument (num_classes, mask_head, sampling and test settings...);
-            `fg_iou` and `box_reg_weights` come from stage 1.
+        **kwargs: every other `RoIHeads` keyword argument (num_classes, mask_head, sampling and test settings,
+            ignore_iof_thr...); `fg_iou` and `box_reg_weights` come from stage 1. The ignore regions
+            (`ignore_iof_thr`) act on stage 1's sampling only (`sample_proposals`).
 
     Training losses: `loss_classifier_stage{t}` and `loss_box_reg_stage{t}` for t = 1..3, plus `loss_mask` /
     `loss_keypoint` where those heads exist.
@@ -103,7 +104,10 @@ class CascadeRoIHeads(RoIHeads):
             stage_losses = fast_rcnn_losses(class_logits, box_deltas, labels, regression_targets, self.box_reg_loss,
                                             self.smooth_l1_beta)
             losses.update({f"{name}_stage{stage + 1}": value for name, value in stage_losses.items()})
-            if stage + 1 < self.num_stages:  # the next stage relabels these boxes at its IoU: no resampling, no GT
+            # The next stage relabels these boxes at its IoU: no resampling, no GT, and so no ignore regions either
+            # (detectron2 `CascadeROIHeads._match_and_label_boxes` only relabels; the background RoIs that the ignore
+            # regions could remove were drawn, or not, by stage 1's `sample_proposals`).
+            if stage + 1 < self.num_stages:
                 counts = [s.boxes.shape[0] for s in samples]
                 rois = next_stage_boxes(list(predicted.split(counts)), image_sizes, drop_empty=True)
                 samples = [label_boxes(b, t["boxes"], t["labels"], self.stage_ious[stage + 1])

@@ -25,8 +25,8 @@ from minimask.model.box_head import fast_rcnn_inference, fast_rcnn_losses
 from minimask.model.keypoint_head import heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from minimask.model.mask_head import mask_loss, mask_targets, paste_masks, polygon_mask_targets
 from minimask.ops.box_coder import decode, encode
-from minimask.ops.boxes import box_iou
-from minimask.ops.matcher import match_boxes, sample_balanced
+from minimask.ops.boxes import box_iof, box_iou
+from minimask.ops.matcher import inside_ignore_regions, match_boxes, sample_balanced
 from minimask.ops.poolers import multiscale_roi_align
 
 
@@ -61,7 +61,8 @@ def label_boxes(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, iou_threshol
 
 
 def sample_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *, iou_threshold: float = 0.5,
-                     num_samples: int = 512, positive_fraction: float = 0.25, append_gt: bool = True) -> RoISamples:
+                     num_samples: int = 512, positive_fraction: float = 0.25, append_gt: bool = True,
+                     ignore_boxes: Tensor | None = None, ignore_iof_thr: float = -1.0) -> RoISamples:
     """The training RoIs of one image: (optionally) proposals + GT boxes, labelled and balanced-sampled.
 
     Args:
@@ -69,6 +70,11 @@ def sample_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *, 
         gt_boxes: (G, 4), gt_labels: (G,) int64 in 1..K.
         append_gt: append the GT boxes to the candidates (detectron2 PROPOSAL_APPEND_GT), which guarantees every GT
             at least one foreground RoI early in training, when the RPN's proposals are still poor.
+        ignore_boxes: (I, 4) regions to ignore (crowds), I may be 0; None = none.
+        ignore_iof_thr: >= 0: a background candidate whose intersection over its own area with an ignore box is
+            > ignore_iof_thr is not sampled (`inside_ignore_regions`; foreground candidates stay foreground).
+            < 0 (the default) turns this off: then the sample, random draws included, is the one without
+            ignore_boxes.
     Returns:
         At most num_samples RoIs, at most num_samples * positive_fraction of them foreground; foreground rows first.
         Drawn with torch's global RNG.
@@ -79,8 +85,12 @@ def sample_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *, 
     if append_gt:
         candidates = torch.cat([candidates, gt_boxes.to(candidates.dtype)])  # (P + G, 4)
     labelled = label_boxes(candidates, gt_boxes, gt_labels, iou_threshold)
-    pos, pos_taken, neg, neg_taken = sample_balanced(labelled.labels > 0, labelled.labels == 0, num_samples,
-                                                     positive_fraction)
+    negative = labelled.labels == 0  # (P + G,)
+    if ignore_iof_thr >= 0 and ignore_boxes is not None:
+        if ignore_boxes.dim() != 2 or ignore_boxes.shape[1] != 4:
+            raise ValueError(f"ignore_boxes must have shape (I, 4), got {tuple(ignore_boxes.shape)}")
+        negative &= ~inside_ignore_regions(box_iof(candidates, ignore_boxes), ignore_iof_thr)
+    pos, pos_taken, neg, neg_taken = sample_balanced(labelled.labels > 0, negative, num_samples, positive_fraction)
     return _select(labelled, torch.cat([pos[pos_taken], neg[neg_taken]]))
 
 
@@ -125,7 +135,8 @@ class RoIHeads(nn.Module):
         features: P2..P5, each (B, C, H_l, W_l), finest first, at `feature_scales`.
         proposals: B tensors (P_i, 4) in image pixels. image_sizes: B (h, w) of the unpadded images.
         targets (training only): B dicts with `boxes` (G, 4), `labels` (G,) in 1..K, and `masks` (G, H, W) uint8 or
-            float coverage / `keypoints` (G, 17, 3) where the model has a mask / keypoint head.
+            float coverage / `keypoints` (G, 17, 3) where the model has a mask / keypoint head; optionally
+            `ignore_boxes` (I, 4), used when ignore_iof_thr >= 0.
     Training returns ([], {"loss_classifier", "loss_box_reg"} + "loss_mask" / "loss_keypoint" where those heads
     exist). Eval returns (B dicts with `boxes` (N, 4), `labels` (N,) int64 in 1..K, `scores` (N,), and `masks`
     (N, 1, h, w) float probabilities / `keypoints` (N, 17, 3) and `keypoints_scores` (N, 17) where those heads
@@ -141,10 +152,15 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, append_gt: bool = True, box_reg_weights: tuple = (10, 10, 5, 5),
                  box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
-                 keypoint_heatmap_size: int = 56, keypoint_loss_weight: float = 1.0, mask_rois_per_image: int = 0):
+                 keypoint_heatmap_size: int = 56, keypoint_loss_weight: float = 1.0, mask_rois_per_image: int = 0,
+                 ignore_iof_thr: float = -1.0):
         """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
         mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (`random_subset`);
             0 = all (the paper, detectron2, torchvision).
+        ignore_iof_thr >= 0 (commonly 0.5; < 0 = off, the default): in training, a background candidate whose
+            intersection over its own area with one of its image's `ignore_boxes` (crowds, uncertain people in
+            pedestrian datasets) is > ignore_iof_thr is not sampled (`sample_proposals`; mmdetection
+            `MaxIoUAssigner(ignore_iof_thr=...)`, mmdet/core/bbox/assigners/max_iou_assigner.py).
         torchvision's checkpoints need a few other conventions: `minimask.interop.torchvision_conventions.TorchvisionRoIHeads`
         overrides the methods that differ.
         """
@@ -166,6 +182,7 @@ class RoIHeads(nn.Module):
         if mask_rois_per_image < 0:
             raise ValueError(f"mask_rois_per_image must be >= 0 (0 = all), got {mask_rois_per_image}")
         self.mask_rois_per_image = mask_rois_per_image
+        self.ignore_iof_thr = ignore_iof_thr
 
     def forward(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
@@ -178,7 +195,9 @@ class RoIHeads(nn.Module):
         samples = [
             sample_proposals(p, t["boxes"], t["labels"], iou_threshold=self.fg_iou,
                              num_samples=self.batch_size_per_image, positive_fraction=self.positive_fraction,
-                             append_gt=self.append_gt)
+                             append_gt=self.append_gt,
+                             ignore_boxes=t.get("ignore_boxes") if self.ignore_iof_thr >= 0 else None,
+                             ignore_iof_thr=self.ignore_iof_thr)
             for p, t in zip(proposals, targets)
         ]
         losses = self._box_losses(features, samples, targets, image_sizes)

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from minimask.distributed import global_normalizer
 from minimask.model.anchors import multilevel_anchors
 from minimask.ops.box_coder import box_regression_loss, decode, encode
-from minimask.ops.boxes import _pairwise_iou, batched_nms
-from minimask.ops.matcher import match_boxes, sample_balanced
+from minimask.ops.boxes import _pairwise_iof, _pairwise_iou, batched_nms
+from minimask.ops.matcher import inside_ignore_regions, match_boxes, sample_balanced
 
 _RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # detectron2 RPN.BBOX_REG_WEIGHTS
 
@@ -67,17 +67,23 @@ class RPNHead(nn.Module):
 
 
 def label_anchors(anchors: Tensor, gt_boxes: list[Tensor], fg_iou: float, bg_iou: float, batch_size_per_image: int,
-                  positive_fraction: float) -> tuple[Tensor, Tensor]:
+                  positive_fraction: float, ignore_boxes: list[Tensor | None] | None = None,
+                  ignore_iof_thr: float = -1.0) -> tuple[Tensor, Tensor]:
     """Training labels of the anchors of every image of a batch (Sec. 3.1.2 of Faster R-CNN), all images at once.
 
     Anchors with IoU >= fg_iou with some GT box, and for each GT box the anchors attaining its highest IoU (ties
-    included), are positive; IoU < bg_iou negative; the rest ignored. Then at most batch_size_per_image anchors
-    per image are sampled, at most positive_fraction of them positive; every unsampled anchor becomes ignored (-1).
+    included), are positive; IoU < bg_iou negative; the rest ignored. With ignore_iof_thr >= 0, a negative anchor
+    whose intersection over its own area with one of its image's ignore boxes is > ignore_iof_thr is ignored too
+    (`inside_ignore_regions`; positives stay positive). Then at most batch_size_per_image anchors per image are
+    sampled, at most positive_fraction of them positive; every unsampled anchor becomes ignored (-1).
     Anchors crossing the image border are kept (detectron2 BOUNDARY_THRESH = -1). No host sync.
 
     Args:
         anchors: (M, 4), the same for every image; gt_boxes: B tensors (G_i, 4), G_i may be 0 (then every sampled
             anchor of that image is negative).
+        ignore_boxes: None, or B tensors (I_i, 4) or None (no region), I_i may be 0: the regions to ignore (crowds).
+        ignore_iof_thr: < 0 turns the ignore regions off (the default): then the labels and the random draws are
+            exactly those without ignore_boxes.
     Returns:
         labels: (B, M) float32 in {1, 0, -1}; matched_gt_boxes: (B, M, 4), the best-matching GT box of each anchor
         in the GT boxes' dtype (meaningful only where labels == 1; zeros for an image without GT).
@@ -85,13 +91,14 @@ def label_anchors(anchors: Tensor, gt_boxes: list[Tensor], fg_iou: float, bg_iou
     for g in gt_boxes:
         if g.dim() != 2 or g.shape[1] != 4:
             raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(g.shape)}")
-    padded = torch.nn.utils.rnn.pad_sequence(list(gt_boxes), batch_first=True)  # (B, G_max, 4), zeros after G_i
-    counts = torch.tensor([g.shape[0] for g in gt_boxes], device=anchors.device)  # (B,)
-    valid = torch.arange(padded.shape[1], device=anchors.device) < counts[:, None]  # (B, G_max)
+    padded, valid = _pad_boxes(gt_boxes, anchors.device)  # (B, G_max, 4), (B, G_max)
     iou = _pairwise_iou(padded, anchors)  # (B, G_max, M)
     matched_idx, match_labels = match_boxes(iou, fg_iou, bg_iou, allow_low_quality=True, gt_valid=valid)  # (B, M)
-    pos_idx, pos_taken, neg_idx, neg_taken = sample_balanced(match_labels == 1, match_labels == 0,
-                                                             batch_size_per_image, positive_fraction)
+    negative = match_labels == 0  # (B, M)
+    if ignore_iof_thr >= 0 and ignore_boxes is not None:
+        negative &= ~_inside_ignore_boxes(anchors, ignore_boxes, len(gt_boxes), ignore_iof_thr)
+    pos_idx, pos_taken, neg_idx, neg_taken = sample_balanced(match_labels == 1, negative, batch_size_per_image,
+                                                             positive_fraction)
     labels = torch.full(match_labels.shape, -1.0, device=anchors.device)  # (B, M)
     labels.scatter_(1, neg_idx, torch.where(neg_taken, 0.0, labels.gather(1, neg_idx)))
     labels.scatter_(1, pos_idx, torch.where(pos_taken, 1.0, labels.gather(1, pos_idx)))
@@ -99,6 +106,26 @@ def label_anchors(anchors: Tensor, gt_boxes: list[Tensor], fg_iou: float, bg_iou
         return labels, padded.new_zeros(labels.shape + (4,))
     matched = torch.gather(padded, 1, matched_idx[:, :, None].expand(-1, -1, 4))  # (B, M, 4)
     return labels, matched
+
+
+def _pad_boxes(boxes: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """B tensors (K_i, 4) -> (B, K_max, 4) with zero rows after K_i, and the (B, K_max) bool mask of the real rows."""
+    padded = torch.nn.utils.rnn.pad_sequence(list(boxes), batch_first=True)  # (B, K_max, 4)
+    counts = torch.tensor([b.shape[0] for b in boxes], device=device)  # (B,)
+    return padded, torch.arange(padded.shape[1], device=device) < counts[:, None]
+
+
+def _inside_ignore_boxes(anchors: Tensor, ignore_boxes: list[Tensor | None], num_images: int,
+                         iof_thr: float) -> Tensor:
+    """(B, M) bool: the anchors whose IoF with one of their image's ignore boxes is > iof_thr, all images at once."""
+    if len(ignore_boxes) != num_images:
+        raise ValueError(f"got {len(ignore_boxes)} ignore_boxes entries for a batch of {num_images} images")
+    regions = [anchors.new_zeros(0, 4) if r is None else r.to(anchors.dtype) for r in ignore_boxes]
+    for r in regions:
+        if r.dim() != 2 or r.shape[1] != 4:
+            raise ValueError(f"ignore_boxes must have shape (I, 4), got {tuple(r.shape)}")
+    padded, valid = _pad_boxes(regions, anchors.device)  # (B, I_max, 4), (B, I_max)
+    return inside_ignore_regions(_pairwise_iof(anchors, padded), iof_thr, valid)  # (B, M, I_max) -> (B, M)
 
 
 def rpn_losses(
@@ -242,11 +269,16 @@ class RPN(nn.Module):
     forward(features, image_sizes, targets=None) -> (proposals, losses):
         features: list of (B, in_channels, H_l, W_l), one per stride, finest first.
         image_sizes: B pairs (h, w) of the unpadded images (proposals are clipped to them).
-        targets: per image a dict with "boxes" (G_i, 4), G_i may be 0; required in training mode.
+        targets: per image a dict with "boxes" (G_i, 4), G_i may be 0, and optionally "ignore_boxes" (I_i, 4);
+            required in training mode.
         proposals: per image a detached (P_i, 4) tensor sorted by decreasing objectness, P_i <= post_nms_topk.
         losses: {"loss_objectness", "loss_rpn_box_reg"} in training mode, {} in eval mode.
     Anchors are float32 on the features' device whatever the feature dtype (coordinates up to ~1e3 need it).
-    `head_conv_depth` stacks more 3x3 convs in the head (torchvision's v2 models: 2). torchvision's checkpoints need
+    `head_conv_depth` stacks more 3x3 convs in the head (torchvision's v2 models: 2).
+    `ignore_iof_thr` >= 0 (commonly 0.5; < 0 = off, the default): in training, an anchor that would be negative but
+    whose intersection over its own area with one of its image's "ignore_boxes" (crowds, uncertain people in
+    pedestrian datasets) is > ignore_iof_thr is neither positive nor negative (`label_anchors`; mmdetection
+    `MaxIoUAssigner(ignore_iof_thr=...)`, mmdet/core/bbox/assigners/max_iou_assigner.py). torchvision's checkpoints need
     a few other conventions: `minimask.interop.torchvision_conventions.TorchvisionRPN` overrides the methods below.
     """
 
@@ -271,6 +303,7 @@ class RPN(nn.Module):
         nms_thresh: float = 0.7,
         min_size: float = 0.0,
         head_conv_depth: int = 1,
+        ignore_iof_thr: float = -1.0,
     ):
         super().__init__()
         if len(anchor_sizes) != len(strides) or len(strides) == 0:
@@ -299,6 +332,7 @@ class RPN(nn.Module):
         self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
         self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
         self.nms_thresh, self.min_size = nms_thresh, min_size
+        self.ignore_iof_thr = ignore_iof_thr
         self.head = RPNHead(in_channels=in_channels, num_anchors=len(aspect_ratios), conv_depth=head_conv_depth)
 
     def forward(
@@ -324,9 +358,11 @@ class RPN(nn.Module):
                targets: Sequence[dict]) -> dict[str, Tensor]:
         """Label and sample each image's anchors against its GT boxes, then the two losses (Faster R-CNN Eqn. 1)."""
         all_anchors = torch.cat(anchors)  # (M, 4)
+        ignore_boxes = [t.get("ignore_boxes") for t in targets] if self.ignore_iof_thr >= 0 else None
         with torch.no_grad():
             labels, matched = label_anchors(all_anchors, [t["boxes"] for t in targets], self.fg_iou, self.bg_iou,
-                                            self.batch_size_per_image, self.positive_fraction)  # (B, M), (B, M, 4)
+                                            self.batch_size_per_image, self.positive_fraction, ignore_boxes,
+                                            self.ignore_iof_thr)  # (B, M), (B, M, 4)
         return rpn_losses(all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched,
                           self.loss_normalizer(labels), box_reg_loss=self.box_reg_loss,
                           smooth_l1_beta=self.smooth_l1_beta)

@@ -36,9 +36,9 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def _pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU without input checks: (..., N, 4), (..., M, 4) -> (..., N, M) (leading dimensions broadcast), computed in
-    at least fp32."""
+def _pairwise_intersection(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Intersection areas without input checks: (..., N, 4), (..., M, 4) -> intersections (..., N, M) and the areas
+    (..., N, 1) and (..., 1, M) of the boxes (leading dimensions broadcast), computed in at least fp32."""
     dtype = torch.promote_types(torch.promote_types(boxes1.dtype, boxes2.dtype), torch.float32)
     a = boxes1.to(dtype)[..., :, None, :]  # (..., N, 1, 4)
     b = boxes2.to(dtype)[..., None, :, :]  # (..., 1, M, 4)
@@ -46,8 +46,22 @@ def _pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     area2 = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., 1, M)
     width = (torch.min(a[..., 2], b[..., 2]) - torch.max(a[..., 0], b[..., 0])).clamp_(min=0)  # (..., N, M)
     height = (torch.min(a[..., 3], b[..., 3]) - torch.max(a[..., 1], b[..., 1])).clamp_(min=0)
-    inter = width.mul_(height)
+    return width.mul_(height), area1, area2
+
+
+def _pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU without input checks: (..., N, 4), (..., M, 4) -> (..., N, M) (leading dimensions broadcast), computed in
+    at least fp32."""
+    inter, area1, area2 = _pairwise_intersection(boxes1, boxes2)
     return inter / (area1 + area2 - inter)
+
+
+def _pairwise_iof(boxes: Tensor, regions: Tensor) -> Tensor:
+    """`box_iof` without input checks: (..., N, 4), (..., M, 4) -> (..., N, M) (leading dimensions broadcast)."""
+    inter, area, _ = _pairwise_intersection(boxes, regions)
+    # A box of zero (or negative) area intersects nothing (inter is exactly 0), so dividing by 1 instead gives 0
+    # where 0/0 would give NaN, with no NaN in the backward pass either.
+    return inter / torch.where(area > 0, area, 1.0)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -58,6 +72,19 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     check_boxes(boxes1, "boxes1")
     check_boxes(boxes2, "boxes2")
     return _pairwise_iou(boxes1, boxes2)
+
+
+def box_iof(boxes: Tensor, regions: Tensor) -> Tensor:
+    """Intersection over the box's own area ("intersection over foreground") of every pair; (N, 4) boxes, (M, 4)
+    regions -> (N, M) area(box n & region m) / area(box n) (mmdetection `bbox_overlaps(..., mode='iof')`,
+    mmdet/core/bbox/iou_calculators/iou2d_calculator.py).
+
+    Not symmetric: a box inside a region gives 1 however large the region; a box containing the region gives
+    area(region) / area(box). A box of zero area gives 0 (not NaN). The result is fp32 for fp16/bf16 inputs.
+    """
+    check_boxes(boxes, "boxes")
+    check_boxes(regions, "regions")
+    return _pairwise_iof(boxes, regions)
 
 
 def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:

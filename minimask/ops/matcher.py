@@ -2,7 +2,8 @@
 
 Both the RPN (anchors vs GT, Sec. 3.1.2 of Faster R-CNN) and the RoI heads (proposals vs GT, Sec. 3 of Mask R-CNN)
 label each prediction foreground, background or ignored by its best IoU with any ground-truth box, then train on a
-random subset with a bounded share of foreground.
+random subset with a bounded share of foreground. Optionally, predictions inside regions marked to be ignored
+(crowds in pedestrian datasets) are kept out of the background (`inside_ignore_regions`).
 """
 import torch
 from torch import Tensor
@@ -45,6 +46,32 @@ def match_boxes(iou: Tensor, high: float, low: float, allow_low_quality: bool,
         attains_best = (iou == best_per_gt) & (best_per_gt > 0)  # (..., G, N)
         labels = torch.where(attains_best.any(dim=-2), 1, labels).to(torch.int8)
     return matched_idx, labels
+
+
+def inside_ignore_regions(iof: Tensor, iof_thr: float, region_valid: Tensor | None = None) -> Tensor:
+    """Which predictions lie in an ignore region (a crowd, an uncertain person): their intersection over their own
+    area (IoF, `minimask.ops.boxes.box_iof`) with some region exceeds iof_thr (for one image, or a batch at once).
+
+    mmdetection's rule (`MaxIoUAssigner(ignore_iof_thr=..., ignore_wrt_candidates=True)`,
+    mmdet/core/bbox/assigners/max_iou_assigner.py): strictly greater, so with iof_thr = 0.5 a box exactly half
+    inside a region is not in it. mmdetection also keeps such predictions out of the positives (it sets their IoU
+    with every GT box to -1 before matching); minimask's callers (`label_anchors`, `sample_proposals`) only take
+    them out of the negatives, so that a box matching a labelled person next to a crowd keeps its positive label.
+
+    Args:
+        iof: (..., N, I) IoF of N predictions with I ignore regions; I may be 0 (then nothing is inside).
+        iof_thr: the threshold, usually in [0, 1).
+        region_valid: (..., I) bool, False for padding rows (images of a batch with fewer regions).
+
+    Returns:
+        (..., N) bool. No host sync.
+    """
+    if iof.dim() < 2:
+        raise ValueError(f"iof must have shape (..., N, I), got {tuple(iof.shape)}")
+    inside = iof > iof_thr  # (..., N, I)
+    if region_valid is not None:
+        inside &= region_valid[..., None, :]
+    return inside.any(dim=-1)
 
 
 def sample_balanced(positive: Tensor, negative: Tensor, num_samples: int,
