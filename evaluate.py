@@ -210,7 +210,8 @@ def prepare_model_run(args) -> dict:
     # TTA resizes from the original image itself; plain inference uses the test pipeline (shorter side 800).
     transforms = None if args.tta else build_transforms(
         min_sizes=cfg.input.min_size_test, max_size=cfg.input.max_size_test, flip=False, train=False)
-    dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False)  # COCO scores every image
+    dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False,  # COCO scores every image
+                            modalities=cfg.input.modalities)
     check_image_files(dataset)
     if keypoints and dataset.num_keypoints == 0:
         raise UsageError(f"{args.config} predicts keypoints but {ann} has no keypoint annotations")

@@ -42,6 +42,7 @@ from minimask.data import (
     subset_indices,
 )
 from minimask.data.coco import check_image_files, dataset_splits
+from minimask.data.modalities import num_channels
 from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import init_distributed
 from minimask.engine import loop
@@ -57,6 +58,7 @@ from minimask.engine.precise_bn import bn_statistics, recompute_bn_stats
 from minimask.engine.run_log import plot_metrics
 from minimask.engine.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
 from minimask.evaluation import evaluate_coco, gather_results, inference
+from minimask.interop.channels import conventions_for_channels
 from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions
 from minimask.interop.weight_files import read_weights
 from minimask.miss_rate import as_metrics, coco_miss_rate, format_table, has_kaist_labels
@@ -171,11 +173,13 @@ def build_datasets(cfg, keys, splits):
     inp = cfg.input
     train = CocoDetection(*splits["train"], filter_empty=cfg.data.filter_empty, keypoints=keypoints,
                           min_keypoints_per_image=cfg.data.min_keypoints_per_image, mask_format=inp.mask_format,
+                          modalities=inp.modalities, ignore_regions=cfg.model.ignore_iof_thr >= 0,
                           transforms=build_transforms(min_sizes=inp.min_size_train, max_size=inp.max_size_train,
                                                       flip=inp.horizontal_flip, train=True))
     val = None
     if "val" in splits:
         val = CocoDetection(*splits["val"], filter_empty=False, keypoints=keypoints, mask_format=inp.mask_format,
+                            modalities=inp.modalities,
                             transforms=build_transforms(min_sizes=inp.min_size_test, max_size=inp.max_size_test,
                                                         flip=False, train=False))
     for dataset in (train, val):  # a wrong image folder fails now, not at the first batch
@@ -228,7 +232,8 @@ def prepare(args) -> dict:
     weights = None
     if args.init == "imagenet":  # the weights fix the pixel convention and stride placement
         state, fmt = weights = read_weights(args.weights)
-        for change in apply_imagenet_conventions(cfg, imagenet_conventions(fmt, state), keys):
+        conventions = conventions_for_channels(imagenet_conventions(fmt, state), num_channels(cfg.input.modalities))
+        for change in apply_imagenet_conventions(cfg, conventions, keys):
             print(f"--init imagenet: {change}")
     check_init_config(cfg, args.init)  # e.g. FrozenBN or frozen stages under random init
     splits = resolve_splits(cfg)

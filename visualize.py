@@ -74,6 +74,9 @@ def prepare(args) -> dict:
                                   flip=False, train=False)
     _, _, device = select_device(args.device)
     if args.images:
+        if model.in_channels != 3:
+            raise UsageError(f"--images reads RGB files, but the model takes {model.in_channels} input channels "
+                             f"(input.modalities={tuple(cfg.input.modalities)}): give its frames through --data")
         names = _category_names(args.weights)
         dataset = ImageFiles(args.images, transforms, names)
         indices = range(len(dataset))
@@ -81,7 +84,8 @@ def prepare(args) -> dict:
         data, rest = data_spec(args.data[0], args.data[1:])
         if rest:
             raise UsageError(f"--data takes one root or split=ANN.json:IMAGES pairs, not also {rest[0]!r}")
-        dataset = load_split(data, args.split or "val", transforms, keypoints=model.num_keypoints > 0)
+        dataset = load_split(data, args.split or "val", transforms, keypoints=model.num_keypoints > 0,
+                             modalities=cfg.input.modalities)
         indices = range(min(args.num or 8, len(dataset)))
     return dict(model=model.to(device), dataset=dataset, indices=indices, out_dir=args.output, device=device,
                 score_threshold=args.score_threshold)
@@ -121,7 +125,7 @@ class ImageFiles:
         return image, {"image_id": self.stems[i]}
 
 
-def load_split(data: str, split: str, transforms, keypoints: bool):
+def load_split(data: str, split: str, transforms, keypoints: bool, modalities=("visible",)):
     """A CocoDetection of `split` in `data` ("synthetic", a COCO-layout root or split=ANN.json:IMAGES pairs; "val" /
     "train" name the root's val2017 / train2017 where it has those)."""
     from minimask.data.coco import CocoDetection, check_image_files, split_files
@@ -130,7 +134,7 @@ def load_split(data: str, split: str, transforms, keypoints: bool):
     require_file(str(ann), "--data")
     if not Path(images).is_dir():
         raise UsageError(f"--data: no such image folder: {images}")
-    dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False)
+    dataset = CocoDetection(ann, images, transforms=transforms, filter_empty=False, modalities=modalities)
     check_image_files(dataset)
     return dataset
 

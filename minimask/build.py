@@ -6,6 +6,7 @@ reading it top to bottom shows the whole model of a preset.
 import torch
 
 from minimask.config import Config, ModelConfig
+from minimask.data.modalities import num_channels
 from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 from minimask.model.box_head import BoxPredictor, ConvFCHead
 from minimask.model.cascade import CascadeRoIHeads
@@ -23,7 +24,13 @@ FEATURE_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)  # P2..P5, pooled by the RoI hea
 def build_model(cfg: Config) -> MaskRCNN:
     """Mask R-CNN (or Faster / Keypoint / Cascade R-CNN, by the config's switches) with random initialisation."""
     m = cfg.model
+    channels = num_channels(cfg.input.modalities)
+    if len(m.pixel_mean) != channels or len(m.pixel_std) != channels:
+        raise ValueError(f"input.modalities={tuple(cfg.input.modalities)} makes {channels} input channels, but "
+                         f"model.pixel_mean has {len(m.pixel_mean)} values and model.pixel_std {len(m.pixel_std)}: "
+                         f"give one per channel (python -m minimask.data.modalities measures them)")
     backbone = ResNet(
+        in_channels=channels,
         depth=m.backbone.depth,
         groups=m.backbone.groups,
         width_per_group=m.backbone.width_per_group,
@@ -44,6 +51,7 @@ def build_model(cfg: Config) -> MaskRCNN:
         pixel_scale=m.pixel_scale,
         pixel_mean=m.pixel_mean,
         pixel_std=m.pixel_std,
+        in_channels=channels,
         size_divisibility=m.size_divisibility,
         channels_last=m.channels_last,
         images_per_canvas=m.images_per_canvas,
@@ -75,6 +83,7 @@ def build_rpn(m: ModelConfig, *, strides: tuple) -> RPN:
         nms_thresh=m.rpn.nms_thresh,
         min_size=m.rpn.min_size,
         head_conv_depth=m.rpn.head_conv_depth,
+        ignore_iof_thr=m.ignore_iof_thr,
     )
 
 
@@ -110,6 +119,7 @@ def build_roi_heads(m: ModelConfig) -> RoIHeads:
         mask_size=2 * m.mask_head.resolution,
         keypoint_heatmap_size=m.keypoint_head.heatmap_size,
         keypoint_loss_weight=m.keypoint_head.loss_weight,
+        ignore_iof_thr=m.ignore_iof_thr,
     )
 
     def box_head():

@@ -138,6 +138,11 @@ class ModelConfig:
     # torchvision's arithmetic where it departs from detectron2's (anchors, RPN loss normaliser and ranking, small-box
     # filter, soft mask targets, mask paste, keypoint scores): minimask/interop/torchvision_conventions.py. For its checkpoints.
     torchvision_conventions: bool = False
+    # Crowd / ignore annotations as regions that are neither positive nor negative: anchors and proposals covered
+    # by one by more than this fraction of their own area leave the negatives (mmdetection MaxIoUAssigner
+    # `ignore_iof_thr`, its default -1 = off; commonly 0.5 for pedestrians). Off in the COCO presets, where crowd
+    # boxes are dropped as detectron2 does; the data then carries no `ignore_boxes`.
+    ignore_iof_thr: float = -1.0
 
 
 @dataclass
@@ -150,6 +155,9 @@ class InputConfig:
     # D2 INPUT.MASK_FORMAT: "polygon" rasterises COCO polygons inside each RoI (images whose masks are all polygons);
     # "bitmask" decodes full-image bitmaps (torchvision's loader; its soft mask targets need them)
     mask_format: str = "polygon"
+    # Aligned frames stacked into the input (minimask.data.modalities): ("visible",) RGB, ("thermal",) 1 channel,
+    # ("visible", "thermal") 4; model.pixel_mean / pixel_std then need one value per channel
+    modalities: tuple = ("visible",)
 
 
 @dataclass
@@ -246,6 +254,31 @@ _DEMO = _TINY + [
 # rule's) is the best of 0.005-0.02 per image measured for this short schedule; batch 4 gets 1.3x the images per
 # second of batch 2 on two cores; 128-160 px training (192 px test) reaches more AP per minute than 160-192 px.
 
+_PEDESTRIAN = [
+    "model.roi_heads.num_classes=1", "model.mask_head.enabled=False", "model.rpn.aspect_ratios=(2.44,)",
+    "model.rpn.anchor_sizes=(16, 32, 64, 128, 256)", "model.ignore_iof_thr=0.5", "data.miss_rate=True",
+    "input.min_size_train=(512,)", "input.max_size_train=640", "input.min_size_test=512", "input.max_size_test=640",
+    "solver.max_iter=30000", "solver.steps=(23000, 27000)",
+]  # `pedestrian`: one upright class on 640 x 512 driving frames (KAIST), evaluated by its log-average miss rate.
+# - person only, boxes only: KAIST and Caltech annotate boxes (the KAIST converter's box-shaped masks carry nothing)
+# - one anchor shape, height / width 2.44: pedestrians are drawn at width 0.41 x height (Dollar et al., "Pedestrian
+#   Detection: An Evaluation of the State of the Art", PAMI 2012, Sec. 2.2, the aspect ratio Caltech and KAIST
+#   boxes are standardised to); Zhang et al., "Is Faster R-CNN Doing Well for Pedestrian Detection?" (ECCV 2016,
+#   Sec. 3.1) use this single ratio for their RPN
+# - anchors 16-256 (areas; a 32 anchor is 20 x 50 px): the Reasonable setting scores people from 55 px tall, and
+#   most KAIST people are 50-200 px; the FPN's default 32-512 would leave the shortest without a fitting anchor
+# - frames at their own size (shorter side 512, longer 640): resizing smaller costs the small people first
+# - crowds (`people`), uncertain people (`person?`, `cyclist`) and out-of-protocol people are ignore regions, not
+#   background (model.ignore_iof_thr 0.5); `python -m minimask.data.kaist --train` states which
+# - 30k iterations at batch 16: about 19 passes over KAIST's 25,086 train-all-02 frames (as the paper, longer
+#   from random init than fine-tuning would need); LR x0.1 at 23k and 27k
+_TINY_PEDESTRIAN = _TINY + _PEDESTRIAN + [
+    "model.backbone.width_per_group=32", "model.box_head.conv_dims=()", "model.box_head.fc_dims=(256, 256)",
+    "input.min_size_train=(192,)", "input.max_size_train=240", "input.min_size_test=192", "input.max_size_test=240",
+    "data.train=synthetic_kaist", "solver.batch_size=4", "solver.lr=0.02", "solver.max_iter=600",
+    "solver.steps=(450, 550)", "solver.warmup_iters=50", "solver.clip_grad_norm=10.0", "solver.checkpoint_period=200",
+]  # the pedestrian model at the CPU demo's widths, on the generated KAIST-layout miniature (README), 240 x 192
+
 _TORCHVISION = [
     "model.torchvision_conventions=True", "model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2",
     "model.fpn.norm=", "model.rpn.min_size=0.001", "model.rpn.post_nms_topk_train=2000",
@@ -309,6 +342,8 @@ PRESETS: dict[str, list[str]] = {
     "r50_fpn_gn_box": ["model.mask_head.enabled=False"],  # Faster R-CNN
     "tiny": _TINY,
     "demo": _DEMO,
+    "pedestrian": _PEDESTRIAN,
+    "tiny_pedestrian": _TINY_PEDESTRIAN,
     "tiny_keypoint": _TINY + _KEYPOINT + ["model.keypoint_head.conv_dims=(64, 64)", "model.rpn.post_nms_topk_train=100"],
     "torchvision_maskrcnn_r50_fpn": _TORCHVISION,
     "torchvision_maskrcnn_r50_fpn_v2": _TORCHVISION_V2,
@@ -387,6 +422,9 @@ def _parse_value(key: str, text: str, current):
     expected = type(current)
     if expected is str:
         return text
+    if expected is tuple and current and all(isinstance(v, str) for v in current):
+        # A tuple of names takes them bare: input.modalities=visible,thermal or =(thermal,)
+        return tuple(w.strip().strip("'\"") for w in text.strip().strip("()").split(",") if w.strip())
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

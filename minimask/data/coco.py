@@ -192,6 +192,52 @@ def load_image(path) -> torch.Tensor:
     return pixels.to(torch.float32).div_(255.0).permute(2, 0, 1)
 
 
+# Aligned frames of one scene that an image record may name (minimask.data.modalities): name -> (field, channels)
+MODALITIES = {"visible": ("file_name", 3), "thermal": ("lwir_file_name", 1)}
+
+
+def check_modalities(modalities) -> tuple[str, ...]:
+    """The modalities as a tuple in canonical order (visible before thermal); ValueError for an unknown, repeated
+    or empty choice."""
+    modalities = tuple(modalities)
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or not modalities or len(set(modalities)) != len(modalities):
+        raise ValueError(f"input.modalities must be a non-empty selection of {tuple(MODALITIES)} without repeats, "
+                         f"got {modalities}")
+    return tuple(m for m in MODALITIES if m in modalities)
+
+
+def load_thermal(path) -> torch.Tensor:
+    """Decode a thermal frame to a float32 (1, H, W) tensor in [0, 1]; ImageLoadError naming the file on failure.
+
+    `load_image` decodes every mode to 3 channels: 8-bit grey ("L", or KAIST's LWIR JPEGs stored as three equal
+    channels) and 16-bit radiometric frames (scaled by 1/65535) come out as three equal channels, whose mean is
+    the frame itself; a colour-mapped file becomes the mean of its channels.
+    """
+    return load_image(path).mean(dim=0, keepdim=True)  # (1, H, W)
+
+
+def load_frames(image_dir, record: dict, modalities=("visible",)) -> torch.Tensor:
+    """The (C, H, W) float32 input of one image record: its frames of `modalities` stacked in canonical order
+    (visible RGB, then thermal). A record without the field of a requested modality, a missing or unreadable frame
+    (ImageLoadError), or frames of different sizes (ValueError) are errors naming the record or file."""
+    frames = []
+    for modality in check_modalities(modalities):
+        field = MODALITIES[modality][0]
+        if field not in record:
+            raise ValueError(f"image id {record.get('id')}: input.modalities asks for {modality} frames, but the "
+                             f"record has no '{field}' field")
+        path = os.path.join(os.fspath(image_dir), record[field])
+        frame = load_image(path) if modality == "visible" else load_thermal(path)
+        if frames and frame.shape[-2:] != frames[0][1].shape[-2:]:
+            raise ValueError(f"{path}: the {modality} frame is {tuple(frame.shape[-2:])} (H, W) but the "
+                             f"{frames[0][0]} frame {frames[0][2]} is {tuple(frames[0][1].shape[-2:])}")
+        frames.append((modality, frame, path))
+    if len(frames) == 1:
+        return frames[0][1]  # load_image's channels-last view stays as it is (the resize runs in that layout)
+    return torch.cat([frame for _, frame, _ in frames])  # (C, H, W)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -303,18 +349,25 @@ class CocoDetection(torch.utils.data.Dataset):
         returns the next loadable sample (i+1, i+2, ..., wrapping) with that sample's own target and adds 1 to
         `stats["skipped_images"]` per bad file met; inside DataLoader workers each worker holds its own copy, so
         the count is per worker (and lost with the worker).
+    modalities: the aligned frames stacked into the image, visible (3 channels, `file_name`) and / or thermal (1,
+        `lwir_file_name`): `load_frames`. The image is then (C, H, W).
+    ignore_regions: crowd annotations (`iscrowd=1`) become `ignore_boxes` (I, 4) float32 xyxy in every target,
+        regions whose anchors and proposals are neither positive nor negative (`model.ignore_iof_thr`); False
+        (detectron2) drops them like other unusable annotations.
     A decoded image whose size differs from the JSON's height/width always raises ValueError (annotations would
     not line up; a swapped size usually means an EXIF rotation the JSON did not account for).
     """
 
     def __init__(self, ann_file, image_dir, *, transforms=None, filter_empty=True, skip_bad_images=False,
-                 keypoints=None, min_keypoints_per_image=0, mask_format="polygon"):
+                 keypoints=None, min_keypoints_per_image=0, mask_format="polygon", modalities=("visible",),
+                 ignore_regions=False):
         if mask_format not in ("polygon", "bitmask"):
             raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got {mask_format!r}")
         if min_keypoints_per_image < 0:
             raise ValueError(f"min_keypoints_per_image must be >= 0, got {min_keypoints_per_image}")
         self.ann_file, self.image_dir = os.fspath(ann_file), os.fspath(image_dir)
         self.mask_format = mask_format
+        self.modalities, self.ignore_regions = check_modalities(modalities), ignore_regions
         self.transforms, self.skip_bad_images = transforms, skip_bad_images
         with open(self.ann_file, encoding="utf-8") as f:
             try:
@@ -372,14 +425,17 @@ class CocoDetection(torch.utils.data.Dataset):
         stats = dict(images=len(self._images), kept_images=0, annotations=len(data["annotations"]),
                      kept_annotations=0, crowd=0, degenerate=0, invalid_segmentation=0, no_visible_keypoints=0,
                      few_keypoints_images=0, skipped_images=0)
+        self._ignore = {img_id: [] for img_id in self._images}
         for ann in data["annotations"]:
-            if ann["iscrowd"]:
-                stats["crowd"] += 1
-                continue
             img = self._images[ann["image_id"]]
             h, w = img["height"], img["width"]
             x, y, bw, bh = ann["bbox"]
             box = [min(max(x, 0), w), min(max(y, 0), h), min(max(x + bw, 0), w), min(max(y + bh, 0), h)]
+            if ann["iscrowd"]:
+                stats["crowd"] += 1
+                if self.ignore_regions and box[2] > box[0] and box[3] > box[1]:
+                    self._ignore[img["id"]].append(box)
+                continue
             if box[2] <= box[0] or box[3] <= box[1]:  # empty after clipping: zero/negative size or outside
                 stats["degenerate"] += 1
                 continue
@@ -407,8 +463,14 @@ class CocoDetection(torch.utils.data.Dataset):
         img = self._images[self.ids[i]]
         return img["height"], img["width"]
 
+    def image_record(self, i: int) -> dict:
+        """The JSON record of kept image i (`file_name`, `height`, `width`, ...)."""
+        return self._images[self.ids[i]]
+
     def image_path(self, i: int) -> str:
-        return os.path.join(self.image_dir, self._images[self.ids[i]]["file_name"])
+        """The file of kept image i: its visible frame, or its thermal one in a thermal-only dataset."""
+        field = MODALITIES[self.modalities[0]][0]
+        return os.path.join(self.image_dir, self._images[self.ids[i]].get(field, ""))
 
     def __getitem__(self, idx: int):
         n = len(self.ids)
@@ -417,7 +479,7 @@ class CocoDetection(torch.utils.data.Dataset):
         for attempt in range(n):
             j = (idx + attempt) % n
             try:
-                image = load_image(self.image_path(j))
+                image = load_frames(self.image_dir, self._images[self.ids[j]], self.modalities)  # (C, H, W)
             except ImageLoadError as e:
                 if not self.skip_bad_images:
                     raise
@@ -441,6 +503,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": img["id"],
             "orig_size": (h, w),
         }
+        if self.ignore_regions:
+            target["ignore_boxes"] = torch.tensor(self._ignore[img["id"]], dtype=torch.float32).reshape(-1, 4)
         if self.has_masks:
             segms = [s for _, _, s, _ in instances]
             if self.mask_format == "polygon" and all(isinstance(s, list) for s in segms):

@@ -67,6 +67,13 @@ CROWD_LABELS = ("people", "person?", "cyclist", "person?a")
 IMAGE_WIDTH, IMAGE_HEIGHT = 640, 512
 DAY_SETS = frozenset({0, 1, 2, 6, 7, 8})
 NIGHT_SETS = frozenset({3, 4, 5, 9, 10, 11})
+# Training protocol (`--train`): which persons a detector learns from; the others become ignore regions (crowd),
+# neither positive nor background. Dollar's toolbox trains its Caltech / KAIST ACF baselines on `person` boxes at
+# least 50 px tall (`detector/acfDemoCal.m`, pLoad hRng [50 inf]) with `people` ignored; minimask keeps partly
+# occluded persons (occlusion 1) as positives, as the Reasonable test setting counts them, and ignores heavy
+# occlusion (2) and the crowd labels. Test files are converted without it: the miss rate applies its own filters.
+TRAIN_MIN_HEIGHT = 50
+TRAIN_MAX_OCCLUSION = 1
 _FRAME_RE = re.compile(r"(set(\d+))/(V\d+)/(I\d+)")
 _NUM_FIELDS = 12
 
@@ -180,11 +187,14 @@ def annotation_path(annotation_root, set_name: str, video: str, frame: str) -> P
     raise FileNotFoundError(f"annotation file {nested} (or {flat}) for frame {set_name}/{video}/{frame} is missing")
 
 
-def kaist_annotation(obj: dict, *, ann_id: int, image_id: int, where: str = "", strict_labels: bool = False) -> dict:
+def kaist_annotation(obj: dict, *, ann_id: int, image_id: int, where: str = "", strict_labels: bool = False,
+                     train_protocol: bool = False) -> dict:
     """The COCO annotation of one `read_bbgt` object (see the module docstring for label -> iscrowd).
 
     strict_labels: a label outside PERSON_LABELS and CROWD_LABELS raises ValueError (prefixed with `where`, the
     file and line) instead of becoming a crowd annotation.
+    train_protocol: a person shorter than TRAIN_MIN_HEIGHT or occluded more than TRAIN_MAX_OCCLUSION is a crowd
+        annotation too (an ignore region for training, see TRAIN_MIN_HEIGHT).
     """
     label = obj["label"]
     if label not in PERSON_LABELS and label not in CROWD_LABELS and strict_labels:
@@ -192,19 +202,22 @@ def kaist_annotation(obj: dict, *, ann_id: int, image_id: int, where: str = "", 
         raise ValueError(f"{where}: unknown label {label!r} (known: {known})")
     x1, y1, x2, y2 = obj["box"]
     w, h = x2 - x1, y2 - y1
+    person = label in PERSON_LABELS and (not train_protocol or (h >= TRAIN_MIN_HEIGHT
+                                                                 and obj["occlusion"] <= TRAIN_MAX_OCCLUSION))
     return {
         "id": ann_id, "image_id": image_id, "category_id": 1,
-        "iscrowd": 0 if label in PERSON_LABELS else 1,
+        "iscrowd": 0 if person else 1,
         "bbox": [x1, y1, w, h], "area": w * h,
         "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],  # KAIST has boxes only: a box-shaped mask
         "kaist_label": label, "occlusion": obj["occlusion"], "ignore": obj["ignore"],
     }
 
 
-def _frame_annotations(path: Path, *, image_id: int, first_id: int, strict_labels: bool) -> list[dict]:
+def _frame_annotations(path: Path, *, image_id: int, first_id: int, strict_labels: bool,
+                       train_protocol: bool) -> list[dict]:
     """COCO annotations of one bbGt file, ids from `first_id` on."""
     return [kaist_annotation(obj, ann_id=first_id + k, image_id=image_id, where=f"{path}, line {number}",
-                             strict_labels=strict_labels)
+                             strict_labels=strict_labels, train_protocol=train_protocol)
             for k, (number, obj) in enumerate(_numbered_objects(path))]
 
 
@@ -222,7 +235,7 @@ def _image_record(image_root: Path, image_id: int, set_name: str, video: str, fr
 
 
 def build_kaist(image_root, annotation_root, list_file, *, read_sizes: bool = False,
-                strict_labels: bool = False) -> dict:
+                strict_labels: bool = False, train_protocol: bool = False) -> dict:
     """The COCO dict of the frames of `list_file` (see `convert_kaist`, which writes it)."""
     image_root, annotation_root = Path(image_root), Path(annotation_root)
     for name, root in (("image root", image_root), ("annotation root", annotation_root)):
@@ -242,24 +255,26 @@ def build_kaist(image_root, annotation_root, list_file, *, read_sizes: bool = Fa
         images.append(record)
         path = annotation_path(annotation_root, set_name, video, frame)
         annotations += _frame_annotations(path, image_id=index + 1, first_id=len(annotations) + 1,
-                                          strict_labels=strict_labels)
+                                          strict_labels=strict_labels, train_protocol=train_protocol)
     return {"info": {"description": f"KAIST multispectral pedestrians ({Path(list_file).name}), converted by "
                                     "minimask"},
             "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
 
 
 def convert_kaist(image_root, annotation_root, list_file, out_json, *, read_sizes: bool = False,
-                  strict_labels: bool = False) -> Path:
+                  strict_labels: bool = False, train_protocol: bool = False) -> Path:
     """Convert the frames listed in `list_file` to COCO JSON at `out_json` (written atomically) and return its path.
 
     image_root: the folder holding setXX/VYYY/{visible,lwir}/ (JSON file names are relative to it; nothing is
     copied). annotation_root: the folder holding the bbGt files (the original, sanitized or improved ones).
     read_sizes: read each visible frame's size with PIL instead of trusting 640 x 512.
     strict_labels: raise on labels outside PERSON_LABELS and CROWD_LABELS instead of keeping them as crowd.
+    train_protocol: also mark the persons a training run should ignore as crowd (see TRAIN_MIN_HEIGHT).
     Raises FileNotFoundError naming a missing root, list file, annotation file or first frame; ValueError naming
     the file and line of a malformed list or bbGt entry. Nothing is written when it raises.
     """
-    data = build_kaist(image_root, annotation_root, list_file, read_sizes=read_sizes, strict_labels=strict_labels)
+    data = build_kaist(image_root, annotation_root, list_file, read_sizes=read_sizes, strict_labels=strict_labels,
+                       train_protocol=train_protocol)
     out_json = Path(out_json)
     write_json(out_json, data)
     return out_json
@@ -287,10 +302,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="the COCO JSON file to write")
     parser.add_argument("--read-sizes", action="store_true", help="read each frame's size instead of 640 x 512")
     parser.add_argument("--strict-labels", action="store_true", help="fail on labels outside the known ones")
+    parser.add_argument("--train", action="store_true", help="a training file: persons under 50 px tall or "
+                        "heavily occluded become ignore regions too (TRAIN_MIN_HEIGHT, TRAIN_MAX_OCCLUSION)")
     args = parser.parse_args(argv)
     try:
         data = build_kaist(args.images, args.annotations, args.list, read_sizes=args.read_sizes,
-                           strict_labels=args.strict_labels)
+                           strict_labels=args.strict_labels, train_protocol=args.train)
         write_json(Path(args.output), data)
     except (OSError, ValueError) as e:  # missing files and malformed entries: the message names the culprit
         print(f"kaist: error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ to 800 px (longer side <= 1333) and a random horizontal flip, no other augmentat
 training shorter side from [640, 800]. detectron2 (D2) implements this as
 `ResizeShortestEdge` + `RandomFlip`; we follow its conventions:
 
-- An image is a float tensor (3, H, W). A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
+- An image is a float tensor (C, H, W) (3 RGB channels, or the stacked frames of `minimask.data.modalities`). A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
   continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) (uint8 {0, 1}, or float
   coverage in [0, 1] once resized) and `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel
   coordinates (the dataset adds +0.5 to COCO's integer pixel indices; `export_keypoints` undoes it for results
@@ -104,9 +104,9 @@ def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) 
 
 
 def resize(image, target, size_hw):
-    """Resize an image (3, H, W) and its target to `size_hw` = (H', W').
+    """Resize an image (C, H, W) and its target to `size_hw` = (H', W').
 
-    Image: bilinear, align_corners=False, antialias=False. Boxes, polygons and keypoint x, y are scaled per axis
+    Image: bilinear, align_corners=False, antialias=False. Boxes (and `ignore_boxes`), polygons and keypoint x, y are scaled per axis
     (W'/W, H'/H); keypoints that land outside the image get v = 0. Masks (N, H, W) -> (N, H', W') float16 coverage in [0, 1]
     (bilinear, antialiased when shrinking; see the module docstring).
     Other target keys pass through. The input target is not modified; `target` may be None. Works with N = 0.
@@ -119,18 +119,18 @@ def resize(image, target, size_hw):
         raise ValueError(f"size_hw must be positive, got {tuple(size_hw)}")
     if (new_h, new_w) == (height, width):
         return image, (None if target is None else dict(target))
-    batch = image[None]  # (1, 3, H, W)
+    batch = image[None]  # (1, C, H, W)
     if image.device.type == "cpu":  # PyTorch's channels-last CPU kernel is vectorised: same values, ~2x faster
         batch = batch.contiguous(memory_format=torch.channels_last)
     image = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", align_corners=False,
-                          antialias=False)[0].contiguous()  # (3, H', W')
+                          antialias=False)[0].contiguous()  # (C, H', W')
     if target is None:
         return image, None
     target = dict(target)
     sx, sy = new_w / width, new_h / height
-    if "boxes" in target:
-        boxes = target["boxes"]
-        target["boxes"] = boxes * boxes.new_tensor([sx, sy, sx, sy])  # (N, 4)
+    for key in ("boxes", "ignore_boxes"):
+        if key in target:
+            target[key] = target[key] * target[key].new_tensor([sx, sy, sx, sy])  # (N, 4)
     if "masks" in target:
         masks = target["masks"]
         if masks.shape[0] == 0:  # interpolate rejects empty batches
@@ -183,9 +183,9 @@ def flip_permutation(flip_map, num_keypoints: int) -> list[int]:
 
 
 def hflip(image, target, flip_map=COCO_FLIP_MAP):
-    """Flip an image (3, H, W) and its target horizontally.
+    """Flip an image (C, H, W) and its target horizontally.
 
-    Boxes: x -> W - x, so (x1, y1, x2, y2) -> (W - x2, y1, W - x1, y2). Masks are flipped along W, polygons'
+    Boxes (and `ignore_boxes`): x -> W - x, so (x1, y1, x2, y2) -> (W - x2, y1, W - x1, y2). Masks are flipped along W, polygons'
     x -> W - x. Keypoints: x -> W - x
     and left/right labels swapped by `flip_map` (pairs or a permutation, see `flip_permutation`); each point keeps its
     visibility through the swap; points outside the image get v = 0. Flipping twice is the identity.
@@ -194,13 +194,14 @@ def hflip(image, target, flip_map=COCO_FLIP_MAP):
     _check_image(image)
     height, width = image.shape[-2:]
     _check_target(target, height, width)
-    image = image.flip(-1)  # (3, H, W)
+    image = image.flip(-1)  # (C, H, W)
     if target is None:
         return image, None
     target = dict(target)
-    if "boxes" in target:
-        x1, y1, x2, y2 = target["boxes"].unbind(-1)
-        target["boxes"] = torch.stack([width - x2, y1, width - x1, y2], dim=-1)  # (N, 4)
+    for key in ("boxes", "ignore_boxes"):
+        if key in target:
+            x1, y1, x2, y2 = target[key].unbind(-1)
+            target[key] = torch.stack([width - x2, y1, width - x1, y2], dim=-1)  # (N, 4)
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)  # (N, H, W)
     if "polygons" in target:

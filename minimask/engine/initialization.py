@@ -18,6 +18,7 @@ import re
 
 from torch import nn
 
+from minimask.interop.channels import adapt_detector_state, conventions_for_channels
 from minimask.interop.imagenet import (
     PIXEL_KEYS,
     get_key,
@@ -122,7 +123,7 @@ def load_initial_weights(model, init: str, path: str, *, strict: bool = True, we
 
 
 def _from_imagenet(model, path: str, state: dict, fmt: str, strict: bool) -> str:
-    conv = imagenet_conventions(fmt, state)
+    conv = conventions_for_channels(imagenet_conventions(fmt, state), model.in_channels)
     if "model.pixel_mean" in conv:
         have = pixel_transform(model.input_format, model.pixel_scale, model.pixel_mean.flatten().tolist(),
                                model.pixel_std.flatten().tolist())
@@ -150,6 +151,7 @@ def _from_detector(model, path: str, state: dict, fmt: str) -> str:
     if fmt != "minimask" or not any(k.startswith("backbone.") for k in state):
         raise ValueError(f"--weights {path}: --init checkpoint needs a minimask detector checkpoint, this is "
                          f"a {fmt} {'backbone' if fmt == 'minimask' else 'file'} (use --init imagenet)")
+    state, adapted = adapt_detector_state(state, model.in_channels)  # a 3-channel detector, a thermal model
     # Fine-tuning on another label set (a COCO detector on pedestrians, say): the class-dependent layers do not
     # fit, so they keep their fresh initialisation, as detectron2 does, and the label map is the model's (the
     # new dataset's). Every other layer must fit exactly.
@@ -161,7 +163,7 @@ def _from_detector(model, path: str, state: dict, fmt: str) -> str:
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise ValueError(f"--weights {path} does not fit the model: {detail}") from None
-    report = f"initialised the whole model from {path}"
+    report = f"initialised the whole model from {path}" + (f"; {adapted}" if adapted else "")
     if fresh:
         report += (f"; the checkpoint predicts another number of classes, so these start from their "
                    f"initialisation for {model.num_classes}: {', '.join(k for k in fresh if k != 'category_ids')}")

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from minimask.interop.channels import RULE, adapt_first_conv
 from minimask.interop.torchvision_format import resnet_key
 from minimask.interop.weight_files import FORMATS
 from minimask.model.norm import FrozenBatchNorm2d
@@ -128,13 +129,15 @@ def imagenet_conventions(fmt: str, state: dict) -> dict:
 
 
 def pixel_transform(fmt: str, scale: float, mean, std) -> list[tuple[int, float, float]]:
-    """For each model input channel: (source RGB channel, gain, offset) of x_rgb in [0, 1] -> normalised value."""
-    source = [2, 1, 0] if fmt == "BGR" else [0, 1, 2]
-    return [(source[j], scale / std[j], mean[j] / std[j]) for j in range(3)]
+    """For each model input channel: (source channel, gain, offset) of x in [0, 1] -> normalised value. Sources
+    0-2 are R, G, B (the first three channels of a 3- or 4-channel input), 3 is thermal."""
+    visible = len(mean) in (3, 4)
+    source = ([2, 1, 0] if fmt == "BGR" else [0, 1, 2]) * visible + [3] * (len(mean) - 3 * visible)
+    return [(source[j], scale / std[j], mean[j] / std[j]) for j in range(len(mean))]
 
 
 def same_transform(a, b) -> bool:
-    return all(sa == sb and abs(ga - gb) <= 1e-3 * abs(gb) and abs(oa - ob) <= 1e-3 * max(abs(ob), 1.0)
+    return len(a) == len(b) and all(sa == sb and abs(ga - gb) <= 1e-3 * abs(gb) and abs(oa - ob) <= 1e-3 * max(abs(ob), 1.0)
                for (sa, ga, oa), (sb, gb, ob) in zip(a, b))
 
 
@@ -253,6 +256,10 @@ def load_imagenet_backbone(backbone: nn.Module, state: dict, fmt: str, *, strict
         if "conv1.bias" in renamed and "conv1.bias" not in target and "norm1.bias" in renamed:
             renamed["norm1.bias"] = renamed["norm1.bias"] + renamed["norm1.weight"] * renamed.pop("conv1.bias")
             notes.append("stem conv1_b folded into the stem FrozenBN shift (Detectron/detectron2 drop it)")
+    channels = target["conv1.weight"].shape[1]
+    if channels != 3 and "conv1.weight" in renamed and renamed["conv1.weight"].shape[1] == 3:
+        renamed["conv1.weight"] = adapt_first_conv(renamed["conv1.weight"], channels)
+        notes.append(f"conv1 adapted from 3 to {channels} input channels ({RULE})")
     if "fc.weight" in renamed and "fc.weight" not in target:
         dropped = [k for k in ("fc.weight", "fc.bias") if renamed.pop(k, None) is not None]
         notes.append(f"dropped the ImageNet classifier ({', '.join(dropped)})")

@@ -8,7 +8,8 @@ Contract (torchvision's):
   `labels` (N,) int64 in 1..num_classes, `scores` (N,), and where the heads exist `masks` (N, 1, H, W) probabilities,
   `keypoints` (N, K, 3) (x, y, 1) and `keypoints_scores` (N, K).
 
-`images` is a list of float tensors (3, H, W), RGB in [0, 1], possibly of different sizes. `targets` is a list of
+`images` is a list of float tensors (C, H, W) in [0, 1], possibly of different sizes: RGB (C = 3), or the stacked
+frames of `minimask.data.modalities` (thermal C = 1, RGB + thermal C = 4). `targets` is a list of
 dicts with `boxes` (N, 4) float xyxy, `labels` (N,) int64 in 1..num_classes (0 is background), and optionally
 `masks` (N, H, W) uint8 bitmaps or float coverage in [0, 1] (plus `polygons` if the data pipeline passes them) and
 `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel coordinates. The model never resizes: that
@@ -32,6 +33,7 @@ class MaskRCNN(nn.Module):
         pixel_scale: float = 255.0,
         pixel_mean: tuple = (103.530, 116.280, 123.675),
         pixel_std: tuple = (57.375, 57.120, 58.395),
+        in_channels: int = 3,
         size_divisibility: int = 32,
         channels_last: bool = False,
         images_per_canvas: int = 0,
@@ -39,18 +41,22 @@ class MaskRCNN(nn.Module):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
-        if len(pixel_mean) != 3 or len(pixel_std) != 3 or min(pixel_std) <= 0:
-            raise ValueError(f"pixel_mean and pixel_std need 3 values, std > 0; got {pixel_mean}, {pixel_std}")
+        if len(pixel_mean) != in_channels or len(pixel_std) != in_channels or min(pixel_std) <= 0:
+            raise ValueError(f"an input of {in_channels} channels needs {in_channels} pixel_mean and pixel_std values "
+                             f"(std > 0), one per channel; got pixel_mean={tuple(pixel_mean)}, "
+                             f"pixel_std={tuple(pixel_std)}")
         self.backbone, self.fpn, self.rpn, self.roi_heads = backbone, fpn, rpn, roi_heads
         self.num_classes, self.num_keypoints = num_classes, num_keypoints
         self.input_format, self.pixel_scale, self.size_divisibility = input_format, pixel_scale, size_divisibility
-        self.channels_last = channels_last
+        self.channels_last, self.in_channels = channels_last, in_channels
+        # BGR reorders the visible channels only: the first three of a 3- or 4-channel input (RGB [+ thermal]).
+        self.bgr = input_format == "BGR" and in_channels in (3, 4)
         if images_per_canvas < 0:
             raise ValueError(f"images_per_canvas must be >= 0 (0: the whole batch on one canvas), got {images_per_canvas}")
         self.images_per_canvas = images_per_canvas
         # Buffers so that they follow .to(device) and are saved with the model (they define its pixel convention).
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=True)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=True)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=True)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=True)
         # The label map the model carries: label k (1..num_classes) is dataset category category_ids[k - 1]. The
         # trainer sets it from the training set; evaluation maps predictions back through it.
         self.register_buffer("category_ids", torch.arange(1, num_classes + 1), persistent=True)
@@ -92,31 +98,32 @@ class MaskRCNN(nn.Module):
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Normalise each image and zero-pad the batch to a common size divisible by `size_divisibility`.
 
-        Returns the (B, 3, H, W) batch and the unpadded (h, w) of each image. Padding happens after normalisation
+        Returns the (B, C, H, W) batch and the unpadded (h, w) of each image. Padding happens after normalisation
         (detectron2), so the pad value is 0 in normalised units.
         """
         image_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         d = self.size_divisibility
         height = -(-max(h for h, _ in image_sizes) // d) * d  # round up to a multiple of d
         width = -(-max(w for _, w in image_sizes) // d) * d
-        batch = images[0].new_zeros(len(images), 3, height, width)
+        batch = images[0].new_zeros(len(images), self.in_channels, height, width)
         for i, img in enumerate(images):
-            if self.input_format == "BGR":
-                img = img.flip(0)  # inputs are RGB
+            if self.bgr:  # inputs are RGB
+                img = img.flip(0) if self.in_channels == 3 else torch.cat((img[:3].flip(0), img[3:]))
             img = (img * self.pixel_scale - self.pixel_mean) / self.pixel_std
             batch[i, :, : img.shape[1], : img.shape[2]] = img
         return batch, image_sizes
 
     # ---- input validation: clear errors before any compute ------------------------------------------------------
 
-    @staticmethod
-    def _check_images(images) -> None:
+    def _check_images(self, images) -> None:
+        c = self.in_channels
         if isinstance(images, Tensor) or not isinstance(images, (list, tuple)) or len(images) == 0:
-            raise ValueError("images must be a non-empty list of (3, H, W) float tensors")
+            raise ValueError(f"images must be a non-empty list of ({c}, H, W) float tensors")
         for i, img in enumerate(images):
-            if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != c:
                 shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-                raise ValueError(f"images[{i}] must be a (3, H, W) tensor, got {shape}")
+                raise ValueError(f"images[{i}] must be a ({c}, H, W) tensor (the model has {c} input channels), "
+                                 f"got {shape}")
             if not img.is_floating_point():
                 raise ValueError(f"images[{i}] must be a float tensor (RGB in [0, 1]), got {img.dtype}")
             if img.shape[1] == 0 or img.shape[2] == 0:
@@ -143,6 +150,10 @@ class MaskRCNN(nn.Module):
             if "polygons" in t and len(t["polygons"]) != n:
                 raise ValueError(f"{where}['polygons'] must hold one list of polygons per box ({n}), "
                                  f"got {len(t['polygons'])}")
+            if "ignore_boxes" in t:
+                regions = t["ignore_boxes"]
+                if not isinstance(regions, Tensor) or regions.dim() != 2 or regions.shape[1] != 4:
+                    raise ValueError(f"{where}['ignore_boxes'] must be an (I, 4) tensor, got {_describe(regions)}")
             if "keypoints" in t:
                 kps = t["keypoints"]
                 expected = (n, self.num_keypoints, 3)

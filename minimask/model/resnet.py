@@ -130,20 +130,21 @@ class ResNet(nn.Module):
         out_features: which of "stem", "res2".."res5", "logits" `forward` returns.
         num_classes: builds `fc` (global average pool + linear) for "logits". Required by "logits", and only
             allowed together with it (an fc that never runs would be a dead parameter).
+        in_channels: channels of the input image: 3 (RGB), or 1 / 4 for thermal / RGB + thermal input
+            (`minimask.data.modalities`); only the stem's conv1 depends on it.
 
     Attributes:
         out_channels, strides: dict[str, int] for the requested spatial features ("logits" is not spatial and
             appears in neither), in network order (stem, res2, ..., res5) whatever the order of out_features.
 
-    forward(x (B, 3, H, W)) -> dict[str, Tensor] in network order: "stem" (B, C_stem, H/4, W/4) (C_stem = 64, or a
-    basic-block net's width_per_group); "resK" (B, C_K, H/2^K, W/2^K) with
-    ceil-rounded sizes; "logits" (B, num_classes). Works with B == 0 for norms that accept empty batches.
+    forward(x (B, in_channels, H, W)) -> dict[str, Tensor] in network order: "stem" (B, C_stem, H/4, W/4)
+    (C_stem = 64, or a basic-block net's width_per_group); "resK" (B, C_K, H/2^K, W/2^K) with ceil-rounded sizes; "logits" (B, num_classes). Works with B == 0 for norms that accept empty batches.
     """
 
     def __init__(self, *, depth: int = 50, groups: int = 1, width_per_group: int = 64, norm: str | None = "GN",
                  stride_in_1x1: bool = False, freeze_at: int = 0,
                  out_features: tuple[str, ...] | list[str] = ("res2", "res3", "res4", "res5"),
-                 num_classes: int | None = None, freeze_norms: bool = True):
+                 num_classes: int | None = None, freeze_norms: bool = True, in_channels: int = 3):
         super().__init__()
         out_features = self._check_args(depth, groups, width_per_group, stride_in_1x1, freeze_at, out_features,
                                          num_classes)
@@ -152,7 +153,7 @@ class ResNet(nn.Module):
 
         # Stem: 7x7/2 conv -> norm -> relu -> 3x3/2 max-pool (detectron2 `BasicStem`); output stride 4.
         stem_channels = _STEM_CHANNELS if bottleneck else width_per_group  # 64 unless a narrow basic-block net
-        self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=not norm)
+        self.conv1 = nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=not norm)
         self.norm1 = _norm_or_identity(norm, stem_channels)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         all_channels, all_strides = {"stem": stem_channels}, {"stem": 4}
@@ -256,8 +257,9 @@ class ResNet(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"ResNet expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        c = self.conv1.in_channels
+        if x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"ResNet expects images of shape (B, {c}, H, W), got {tuple(x.shape)}")
         outputs = {}
         x = self.maxpool(F.relu(self.norm1(self.conv1(x)), inplace=True))  # (B, C_stem, H/4, W/4)
         if "stem" in self._out_features:

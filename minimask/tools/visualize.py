@@ -32,10 +32,14 @@ def instance_colors(n: int) -> list[tuple[int, int, int]]:
 
 
 def to_uint8_hwc(image) -> np.ndarray:
-    """A (3, H, W) tensor or array, float in [0, 1] or uint8, as a uint8 (H, W, 3) array; ValueError otherwise."""
+    """A (C, H, W) tensor or array, float in [0, 1] or uint8, as a uint8 (H, W, 3) array; ValueError otherwise.
+    C = 3 is RGB; of a multispectral input (`minimask.data.modalities`) the visible frame is drawn (C = 4: the
+    first three channels), or the thermal one in grey (C = 1)."""
     array = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if array.ndim != 3 or array.shape[0] != 3:
-        raise ValueError(f"image must have shape (3, H, W), got {tuple(array.shape)}")
+    if array.ndim != 3 or array.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image must have shape (C, H, W) with C = 3 (RGB), 1 (thermal) or 4 (RGB + thermal), "
+                         f"got {tuple(array.shape)}")
+    array = array.repeat(3, axis=0) if array.shape[0] == 1 else array[:3]  # (3, H, W)
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array.transpose(1, 2, 0))
     if not np.issubdtype(array.dtype, np.floating):
@@ -54,7 +58,7 @@ def draw_detections(image, detections: dict, class_names=None, score_threshold: 
     """Draw one image's detections and return a new RGB `PIL.Image` of the image's size.
 
     Args:
-        image: (3, H, W) RGB, float in [0, 1] or uint8 (tensor or array).
+        image: (3, H, W) RGB, float in [0, 1] or uint8 (tensor or array); 1 or 4 channels as `to_uint8_hwc`.
         detections: `boxes` (N, 4) xyxy in the image's pixels, `labels` (N,) in 1..K, optionally `scores` (N,)
             (without them every instance is drawn), `masks` (N, H, W) or (N, 1, H, W) (float probabilities,
             binarised at 0.5; or integer / bool bitmaps, non-zero = inside), `keypoints` (N, P, 3) (x, y, v) and
