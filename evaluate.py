@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"model preset ({', '.join(_presets())})")
     p.add_argument("--weights", help="checkpoint .pth: a state dict or a dict with a 'model' entry")
     p.add_argument("--data", help="COCO root holding annotations/ and the split's image folder, 'synthetic', "
-                   "'pennfudan', or annotation-file / image-folder pairs such as val=ANN.json:IMAGES")
+                   "'synthetic_kaist', 'pennfudan', or annotation-file / image-folder pairs such as "
+                   "val=ANN.json:IMAGES")
     p.add_argument("--split", help="split of --data (default: val2017, or val for the synthetic layout and pairs)")
     p.add_argument("--images", help="image folder for --ann")
     p.add_argument("--output", help="folder for results_*.json and metrics.json (and miss_rate.png)")

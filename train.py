@@ -42,7 +42,7 @@ from minimask.data import (
     subset_indices,
 )
 from minimask.data.coco import check_image_files, dataset_splits
-from minimask.data.modalities import num_channels
+from minimask.data.coco import num_channels
 from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import init_distributed
 from minimask.engine import loop
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="r50_fpn_gn", help=f"preset ({', '.join(PRESETS)})")
     p.add_argument("--data", help="COCO root (annotations/ + train2017/ + val2017/), a synthetic root "
-                   "(annotations/instances_{train,val}.json + train/ + val/), 'synthetic', 'pennfudan', or "
-                   "annotation-file / image-folder pairs: train=ANN.json:IMAGES [val=ANN.json:IMAGES] "
+                   "(annotations/instances_{train,val}.json + train/ + val/), 'synthetic', 'synthetic_kaist', "
+                   "'pennfudan', or annotation-file / image-folder pairs: train=ANN.json:IMAGES [val=ANN.json:IMAGES] "
                    "(default: data.train)")
     p.add_argument("--init", choices=("random", "imagenet", "checkpoint"), default="random",
                    help="random (the paper's scratch setting), imagenet backbone weights, or a whole-model checkpoint")

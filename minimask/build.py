@@ -6,7 +6,7 @@ reading it top to bottom shows the whole model of a preset.
 import torch
 
 from minimask.config import Config, ModelConfig
-from minimask.data.modalities import num_channels
+from minimask.data.coco import num_channels
 from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 from minimask.model.box_head import BoxPredictor, ConvFCHead
 from minimask.model.cascade import CascadeRoIHeads
@@ -28,7 +28,7 @@ def build_model(cfg: Config) -> MaskRCNN:
     if len(m.pixel_mean) != channels or len(m.pixel_std) != channels:
         raise ValueError(f"input.modalities={tuple(cfg.input.modalities)} makes {channels} input channels, but "
                          f"model.pixel_mean has {len(m.pixel_mean)} values and model.pixel_std {len(m.pixel_std)}: "
-                         f"give one per channel (python -m minimask.data.modalities measures them)")
+                         f"give one per channel (python -m minimask.data.pixel_stats measures them)")
     backbone = ResNet(
         in_channels=channels,
         depth=m.backbone.depth,

@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from minimask.data.coco import CocoDetection
-from minimask.data.kaist import convert_kaist, daytime, main, read_bbgt, read_image_list, summarize
+from minimask.data.kaist import convert_kaist, daytime, kaist_annotation, main, read_bbgt, read_image_list, summarize
 
 HEADER = "% bbGt version=3\n"
 # Frame 1 (day): person, people, person? with occlusion 0/1/2 and one ign=1. Frame 2 (day): cyclist, person?a, a
@@ -222,3 +222,15 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--images", str(images)])  # argparse: required options missing
     assert info.value.code == 2
+
+
+def test_training_protocol_turns_small_and_heavily_occluded_persons_into_ignore_regions():
+    def person(h, occ):
+        return {"label": "person", "box": [10.0, 20.0, 30.0, 20.0 + h], "occlusion": occ, "ignore": 0}
+
+    objects = [person(49, 0), person(50, 0), person(80, 1), person(80, 2), {**person(80, 0), "label": "people"}]
+    crowd = [kaist_annotation(o, ann_id=i, image_id=1, train_protocol=True)["iscrowd"]
+             for i, o in enumerate(objects)]
+    assert crowd == [1, 0, 0, 1, 1]  # under 50 px, heavy occlusion and crowd labels are ignored in training
+    test = [kaist_annotation(o, ann_id=i, image_id=1)["iscrowd"] for i, o in enumerate(objects)]
+    assert test == [0, 0, 0, 0, 1]  # a test file keeps every person: the miss rate filters by itself

@@ -10,7 +10,8 @@ from PIL import Image
 
 from minimask import build_model, get_config
 from minimask.data.coco import CocoDetection, ImageLoadError, load_frames
-from minimask.data.modalities import channel_order, main as stats_main, num_channels, pixel_statistics
+from minimask.data.coco import num_channels
+from minimask.data.pixel_stats import channel_order, main as stats_main, pixel_statistics
 from minimask.data.transforms import hflip, resize
 from minimask.engine.initialization import load_initial_weights
 from minimask.interop.channels import adapt_first_conv, adapt_pixel_values, conventions_for_channels
@@ -50,7 +51,7 @@ def test_frames_stack_visible_then_thermal(tmp_path):
     assert torch.allclose(both[3], torch.from_numpy(thermal).float() / 255)
     thermal_only = load_frames(tmp_path, _record(1, "a"), ("thermal",))
     assert thermal_only.shape == (1, H, W) and torch.equal(thermal_only, both[3:])
-    assert num_channels(("visible",)) == 3 and num_channels(("thermal",)) == 1 and num_channels(("visible", "thermal")) == 4
+    assert [num_channels(m) for m in (("visible",), ("thermal",), ("visible", "thermal"))] == [3, 1, 4]
 
 
 def test_frame_errors_name_the_file(tmp_path):

@@ -78,7 +78,8 @@ DATA_PAIR = re.compile(r"^(train|val)=")  # a `--data` pair: split=ANN.json:IMAG
 def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, Path]]:
     """{"train": (ann, images), "val": (ann, images)} for a dataset given on the command line (`--data`).
 
-    `spec` is "synthetic" (the built-in set, rendered into the cache on first use), "pennfudan" (Penn-Fudan's 170
+    `spec` is "synthetic" (the built-in set, rendered into the cache on first use), "synthetic_kaist" (a generated
+    miniature of KAIST's visible + thermal frames, `minimask.data.synthetic_kaist`), "pennfudan" (Penn-Fudan's 170
     pedestrian photos, downloaded into the cache on first use and split 120 / 50), a COCO 2017 root
     (annotations/ + train2017/ + val2017/), a root in the synthetic set's layout (annotations/ + train/ + val/), or
     annotation-file / image-folder pairs `train=ANN.json:IMAGES val=ANN.json:IMAGES` (shell-quoted where a path has
@@ -92,6 +93,10 @@ def dataset_splits(spec: str, keypoints: bool = False) -> dict[str, tuple[Path, 
 
         paths = synthetic_dataset()
         return dict(train=(paths.train_ann, paths.train_images), val=(paths.val_ann, paths.val_images))
+    if spec == "synthetic_kaist":
+        from minimask.data.synthetic_kaist import synthetic_kaist_splits  # renders ~20 s on first use
+
+        return synthetic_kaist_splits()
     if spec == "pennfudan":
         from minimask.data.pennfudan import pennfudan_dataset  # downloads ~50 MB on first use
 
@@ -118,7 +123,7 @@ def split_files(spec: str, split: str | None = None, keypoints: bool = False) ->
         if name not in splits:
             raise ValueError(f"--data: no {name} split among the pairs (give {name}=ANN.json:IMAGES)")
         return splits[name]
-    if is_data_pairs(spec) or spec in ("synthetic", "pennfudan"):
+    if is_data_pairs(spec) or spec in ("synthetic", "synthetic_kaist", "pennfudan"):
         raise ValueError(f"--split: {spec} has the splits train and val, not {split!r}")
     return split_paths(spec, split, keypoints)
 
@@ -192,7 +197,8 @@ def load_image(path) -> torch.Tensor:
     return pixels.to(torch.float32).div_(255.0).permute(2, 0, 1)
 
 
-# Aligned frames of one scene that an image record may name (minimask.data.modalities): name -> (field, channels)
+# Aligned frames of one scene that an image record may name, name -> (record field, channels); the module docstring
+# of minimask.data.pixel_stats explains multispectral input
 MODALITIES = {"visible": ("file_name", 3), "thermal": ("lwir_file_name", 1)}
 
 
@@ -205,6 +211,19 @@ def check_modalities(modalities) -> tuple[str, ...]:
         raise ValueError(f"input.modalities must be a non-empty selection of {tuple(MODALITIES)} without repeats, "
                          f"got {modalities}")
     return tuple(m for m in MODALITIES if m in modalities)
+
+
+def num_channels(modalities) -> int:
+    """Channels of the stacked input: 3 for visible, 1 for thermal, 4 for both."""
+    return sum(MODALITIES[m][1] for m in check_modalities(modalities))
+
+
+def modalities_of(channels: int) -> tuple[str, ...]:
+    """The modalities that stack to `channels` channels (1 thermal, 3 visible, 4 both)."""
+    layouts = {num_channels(m): m for m in (("visible",), ("thermal",), ("visible", "thermal"))}
+    if channels not in layouts:
+        raise ValueError(f"no input of {channels} channels: visible has 3, thermal 1, both 4")
+    return layouts[channels]
 
 
 def load_thermal(path) -> torch.Tensor:

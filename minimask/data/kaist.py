@@ -38,6 +38,8 @@ Conversion:
   [x1, y1, x2, y1, x2, y2, x1, y2], and instance masks are box-shaped. With it `CocoDetection` loads the file
   whether or not the model has a mask head (a mask head needs `polygons` or `masks` in each target; a box-only
   model ignores them);
+- training files (`--train`, `train_protocol=True`): persons shorter than 50 px or heavily occluded are crowd
+  annotations too, ignore regions for training (TRAIN_MIN_HEIGHT states the source); test files keep them;
 - images: every listed frame in list order, frames without objects included, id = position + 1, `file_name` the
   visible frame relative to the image root, `lwir_file_name` the thermal one, `set`, `video`, `frame` (the path
   parts, e.g. "set00", "V000", "I00000"), `daytime` ("day" or "night" by set), width x height 640 x 512 unless

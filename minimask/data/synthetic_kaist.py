@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from minimask.data.kaist import BBGT_HEADER, daytime, read_bbgt, read_image_list
+from minimask.data.kaist import BBGT_HEADER, convert_kaist, daytime, read_bbgt, read_image_list
 from minimask.data.synthetic import _atomic_write_bytes, _draw_person, _person_keypoints, default_cache_dir
 
 VERSION = "synthetic-kaist-v1"
@@ -313,6 +313,20 @@ def synthetic_kaist_dataset(root=None, *, num_train_frames: int = DEFAULT_TRAIN_
     root = Path(root) if root is not None else default_kaist_cache_dir()
     kwargs = dict(num_train_frames=num_train_frames, num_test_frames=num_test_frames, seed=seed, size=size)
     return _paths(root) if is_built(root, **kwargs) else build_synthetic_kaist(root, **kwargs)
+
+
+def synthetic_kaist_splits(root=None) -> dict[str, tuple[Path, Path]]:
+    """`--data synthetic_kaist`: the default miniature (built on first use) converted by the KAIST converter,
+    {"train": (kaist_train.json, images), "val": (kaist_test.json, images)}. The training list is converted with
+    the training protocol (`convert_kaist(train_protocol=True)`: small and heavily occluded persons become ignore
+    regions), the test list without it (the miss rate filters by itself). Converting ~600 bbGt files takes well
+    under a second, so the JSON files are rewritten (atomically, the same bytes) on every call."""
+    paths = synthetic_kaist_dataset(root)
+    coco = paths.root / "coco"
+    train = convert_kaist(paths.images, paths.annotations, paths.train_list, coco / "kaist_train.json",
+                          train_protocol=True)
+    test = convert_kaist(paths.images, paths.annotations, paths.test_list, coco / "kaist_test.json")
+    return {"train": (train, paths.images), "val": (test, paths.images)}
 
 
 def summarize(paths: SyntheticKaistPaths) -> str:

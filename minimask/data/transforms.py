@@ -5,7 +5,8 @@ to 800 px (longer side <= 1333) and a random horizontal flip, no other augmentat
 training shorter side from [640, 800]. detectron2 (D2) implements this as
 `ResizeShortestEdge` + `RandomFlip`; we follow its conventions:
 
-- An image is a float tensor (C, H, W) (3 RGB channels, or the stacked frames of `minimask.data.modalities`). A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
+- An image is a float tensor (C, H, W): 3 RGB channels, or the stacked frames of `minimask.data.coco.load_frames`.
+  A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
   continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) (uint8 {0, 1}, or float
   coverage in [0, 1] once resized) and `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel
   coordinates (the dataset adds +0.5 to COCO's integer pixel indices; `export_keypoints` undoes it for results
@@ -106,7 +107,8 @@ def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) 
 def resize(image, target, size_hw):
     """Resize an image (C, H, W) and its target to `size_hw` = (H', W').
 
-    Image: bilinear, align_corners=False, antialias=False. Boxes (and `ignore_boxes`), polygons and keypoint x, y are scaled per axis
+    Image: bilinear, align_corners=False, antialias=False. Boxes (and `ignore_boxes`), polygons and keypoint x, y
+    are scaled per axis
     (W'/W, H'/H); keypoints that land outside the image get v = 0. Masks (N, H, W) -> (N, H', W') float16 coverage in [0, 1]
     (bilinear, antialiased when shrinking; see the module docstring).
     Other target keys pass through. The input target is not modified; `target` may be None. Works with N = 0.
@@ -185,7 +187,8 @@ def flip_permutation(flip_map, num_keypoints: int) -> list[int]:
 def hflip(image, target, flip_map=COCO_FLIP_MAP):
     """Flip an image (C, H, W) and its target horizontally.
 
-    Boxes (and `ignore_boxes`): x -> W - x, so (x1, y1, x2, y2) -> (W - x2, y1, W - x1, y2). Masks are flipped along W, polygons'
+    Boxes (and `ignore_boxes`): x -> W - x, so (x1, y1, x2, y2) -> (W - x2, y1, W - x1, y2). Masks are flipped
+    along W, polygons'
     x -> W - x. Keypoints: x -> W - x
     and left/right labels swapped by `flip_map` (pairs or a permutation, see `flip_permutation`); each point keeps its
     visibility through the swap; points outside the image get v = 0. Flipping twice is the identity.

@@ -1,7 +1,7 @@
 """Fitting 3-channel (RGB) weights to a model of another input: thermal (1 channel) or RGB + thermal (4).
 
 ImageNet backbones and detectors trained on colour images have a first convolution with 3 input channels; a
-multispectral model (`minimask.data.modalities`) has C. Only that layer and the pixel normalisation differ; the
+multispectral model (`minimask.data.coco.load_frames`) has C. Only that layer and the pixel normalisation differ; the
 rule used for `--init imagenet` and for `--init checkpoint` from a 3-channel detector alike:
 
 - filters: the visible channels keep the RGB filters; the thermal channel gets the mean of the three RGB filters
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minimask.data.modalities import modalities_of
+from minimask.data.coco import modalities_of
 
 RULE = "visible filters kept, thermal filter = the mean of the 3 RGB filters, all scaled by 3/C"
 
@@ -28,7 +28,8 @@ def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
     """(O, 3, k, k) filters of an RGB layer -> (O, C, k, k) for a C-channel input (module docstring's rule), in
     the model's channel order: the visible channels (in the weights' own order, BGR or RGB), then thermal."""
     if weight.dim() != 4 or weight.shape[1] != 3:
-        raise ValueError(f"expected the (O, 3, k, k) weight of a 3-channel first convolution, got {tuple(weight.shape)}")
+        raise ValueError(f"expected the (O, 3, k, k) weight of a 3-channel first convolution, got "
+                         f"{tuple(weight.shape)}")
     layout = modalities_of(in_channels)
     parts = [weight] * ("visible" in layout) + [weight.mean(dim=1, keepdim=True)] * ("thermal" in layout)
     return torch.cat(parts, dim=1) * (3.0 / in_channels)  # (O, C, k, k)

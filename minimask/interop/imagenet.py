@@ -137,8 +137,9 @@ def pixel_transform(fmt: str, scale: float, mean, std) -> list[tuple[int, float,
 
 
 def same_transform(a, b) -> bool:
-    return len(a) == len(b) and all(sa == sb and abs(ga - gb) <= 1e-3 * abs(gb) and abs(oa - ob) <= 1e-3 * max(abs(ob), 1.0)
-               for (sa, ga, oa), (sb, gb, ob) in zip(a, b))
+    return len(a) == len(b) and all(
+        sa == sb and abs(ga - gb) <= 1e-3 * abs(gb) and abs(oa - ob) <= 1e-3 * max(abs(ob), 1.0)
+        for (sa, ga, oa), (sb, gb, ob) in zip(a, b))
 
 
 def get_key(cfg, key: str):

@@ -131,14 +131,15 @@ class ResNet(nn.Module):
         num_classes: builds `fc` (global average pool + linear) for "logits". Required by "logits", and only
             allowed together with it (an fc that never runs would be a dead parameter).
         in_channels: channels of the input image: 3 (RGB), or 1 / 4 for thermal / RGB + thermal input
-            (`minimask.data.modalities`); only the stem's conv1 depends on it.
+            (`minimask.data.coco.load_frames`); only the stem's conv1 depends on it.
 
     Attributes:
         out_channels, strides: dict[str, int] for the requested spatial features ("logits" is not spatial and
             appears in neither), in network order (stem, res2, ..., res5) whatever the order of out_features.
 
     forward(x (B, in_channels, H, W)) -> dict[str, Tensor] in network order: "stem" (B, C_stem, H/4, W/4)
-    (C_stem = 64, or a basic-block net's width_per_group); "resK" (B, C_K, H/2^K, W/2^K) with ceil-rounded sizes; "logits" (B, num_classes). Works with B == 0 for norms that accept empty batches.
+    (C_stem = 64, or a basic-block net's width_per_group); "resK" (B, C_K, H/2^K, W/2^K) with ceil-rounded sizes;
+    "logits" (B, num_classes). Works with B == 0 for norms that accept empty batches.
     """
 
     def __init__(self, *, depth: int = 50, groups: int = 1, width_per_group: int = 64, norm: str | None = "GN",

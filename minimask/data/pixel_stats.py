@@ -1,9 +1,10 @@
-"""Multispectral input: which aligned frames of a scene are stacked into the model's input tensor.
+"""Per-channel pixel mean and std of a dataset's images, for `model.pixel_mean` / `model.pixel_std`.
 
-A camera rig such as KAIST's (Hwang et al., CVPR 2015) films every scene twice, in colour and in thermal infrared
-(LWIR), with the two frames pixel-aligned. An image record of a COCO-format file names the colour frame in
-`file_name` (COCO's own field) and, where there is one, the thermal frame in `lwir_file_name` (the KAIST
-converter's field, `minimask.data.kaist`). `input.modalities` picks the frames to stack, always in this order:
+Multispectral input (`input.modalities`, stacked by `minimask.data.coco.load_frames`): a camera rig such as
+KAIST's (Hwang et al., CVPR 2015) films every scene twice, in colour and in thermal infrared (LWIR), with the two
+frames pixel-aligned. An image record of a COCO-format file names the colour frame in `file_name` (COCO's own field)
+and, where there is one, the thermal frame in `lwir_file_name` (the KAIST converter's field, `minimask.data.kaist`).
+`input.modalities` picks the frames to stack, always in this order:
 
     modality   record field      channels   decoded as
     visible    file_name         3          RGB in [0, 1] (`load_image`)
@@ -15,7 +16,7 @@ visible channels to its input_format (BGR) and normalises each channel with its 
 per channel (`model.pixel_mean` / `model.pixel_std`, C values in the model's channel order). Those can be
 measured on the training images:
 
-    python -m minimask.data.modalities --data train=kaist_train.json:KAIST/images --modalities visible thermal
+    python -m minimask.data.pixel_stats --data train=kaist_train.json:KAIST/images --modalities visible thermal
 
 prints the per-channel mean and std in the model's convention (0-255 scale, BGR then thermal) as config
 overrides to paste after train.py's other arguments.
@@ -25,22 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from minimask.data.coco import MODALITIES, check_modalities, load_frames
-
-
-def num_channels(modalities) -> int:
-    """Channels of the stacked input: 3 for visible, 1 for thermal, 4 for both."""
-    return sum(MODALITIES[m][1] for m in check_modalities(modalities))
-
-
-def modalities_of(channels: int) -> tuple[str, ...]:
-    """The modalities that stack to `channels` channels (1 thermal, 3 visible, 4 both)."""
-    layouts = {num_channels(m): m for m in (("visible",), ("thermal",), ("visible", "thermal"))}
-    if channels not in layouts:
-        raise ValueError(f"no input of {channels} channels: visible has 3, thermal 1, both 4")
-    return layouts[channels]
+from minimask.data.coco import MODALITIES, check_modalities, load_frames, num_channels
 
 
 def channel_order(modalities, input_format: str) -> list[int]:
@@ -74,7 +60,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="Per-channel pixel mean and std of a dataset's training images, as the "
                                             "model.pixel_mean / model.pixel_std overrides for train.py")
-    p.add_argument("--data", required=True, help="the training images, as train.py --data (its train split is measured)")
+    p.add_argument("--data", required=True,
+                   help="the training images, as train.py --data (its train split is measured)")
     p.add_argument("--modalities", nargs="+", default=["visible"], choices=list(MODALITIES))
     p.add_argument("--input-format", default="BGR", choices=("BGR", "RGB"))
     p.add_argument("--pixel-scale", type=float, default=255.0)
@@ -87,7 +74,7 @@ def main(argv=None) -> int:
         mean, std = pixel_statistics(images, records, args.modalities, input_format=args.input_format,
                                      pixel_scale=args.pixel_scale, max_images=args.max_images)
     except (ValueError, OSError) as e:
-        print(f"minimask.data.modalities: error: {e}", file=sys.stderr)
+        print(f"minimask.data.pixel_stats: error: {e}", file=sys.stderr)
         return 2
     modalities = ",".join(check_modalities(args.modalities))
     # No spaces, so that the line pastes into a shell command as three arguments
