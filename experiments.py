@@ -8,6 +8,7 @@ their figures and tables.
     python experiments.py print syncbn --launcher slurm --root /shared/runs
     python experiments.py run mini --root output/mini                  (the CPU replication, ~15-25 min on 2 cores)
     python experiments.py run tiny --root output/tiny                  (a smoke grid on the synthetic set)
+    python experiments.py run modalities --root output/modalities      (visible / thermal / both, KAIST miniature)
     python experiments.py collect output/mini --out output/mini/report
 
 Exit codes: 0 done, 2 bad input, else the exit code of the first job that failed.

@@ -1,6 +1,7 @@
 """Multispectral input: stacked frames, transforms on every channel, the C-channel model, and the rule that fits
 3-channel weights (ImageNet backbones and detectors) to 1 and 4 channels."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,15 @@ def test_drawing_shows_visible_or_grey_thermal():
     assert grey.shape == (5, 6, 3) and np.array_equal(grey[..., 0], grey[..., 2])
     with pytest.raises(ValueError, match="C = 3"):
         to_uint8_hwc(torch.rand(2, 5, 6))
+
+
+@pytest.mark.slow
+def test_the_modality_grid_uses_the_miniature_s_measured_statistics():
+    from minimask.data.coco import dataset_splits
+    from minimask.tools.experiments import SYNTHETIC_KAIST_STATS
+
+    ann, images = dataset_splits("synthetic_kaist")["train"]  # builds the default miniature on first use (~20 s)
+    records = [r for r in json.loads(Path(ann).read_text())["images"]]
+    mean, std = pixel_statistics(images, records, ("visible", "thermal"))
+    assert mean == pytest.approx(SYNTHETIC_KAIST_STATS["visible"][0] + SYNTHETIC_KAIST_STATS["thermal"][0], abs=0.01)
+    assert std == pytest.approx(SYNTHETIC_KAIST_STATS["visible"][1] + SYNTHETIC_KAIST_STATS["thermal"][1], abs=0.01)

@@ -103,7 +103,7 @@ PANELS = {"bbox": ("AP", "bbox AP (%)", "bbox AP"), "segm": ("AP", "segm AP (%)"
 # The table's columns per kind: (metric, header).
 COLUMNS = {kind: tuple((m, f"{short} {m}") for m in ("AP", "AP50", "AP75"))
            for kind, short in (("bbox", "box"), ("segm", "mask"), ("keypoints", "kp"))}
-COLUMNS["MR"] = (("Reasonable-all", "MR^-2 (Reasonable)"),)
+COLUMNS["MR"] = tuple((f"Reasonable-{s}", f"MR^-2 {s}") for s in ("all", "day", "night"))  # KAIST's Reasonable
 
 
 def _kinds(results) -> list[str]:

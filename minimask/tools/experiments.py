@@ -169,6 +169,28 @@ def tiny_grid(iters=(8, 16)) -> Grid:
                 prepare={"crops": {"source": "{data}", "size": 32, "train_images": 8, "val_images": 4}})
 
 
+# Per-channel pixel mean and std of the default KAIST-layout miniature's training frames, in the model's order (B,
+# G, R, thermal), measured by `python -m minimask.data.pixel_stats --data synthetic_kaist --modalities visible
+# thermal` (tests/test_modalities.py checks them against that command).
+SYNTHETIC_KAIST_STATS = {"visible": ((80.767, 74.082, 70.396), (70.531, 61.129, 56.986)),
+                         "thermal": ((97.235,), (27.469,))}
+
+
+def modality_grid(iters: int = 600, eval_period: int = 100) -> Grid:
+    """The pedestrian detector trained from random init on the visible frames, the thermal frames and both stacked
+    (4 channels) of the generated KAIST-layout miniature (`--data synthetic_kaist`), scored by MR^-2."""
+    runs = []
+    for modalities in (("visible",), ("thermal",), ("visible", "thermal")):
+        mean = sum((SYNTHETIC_KAIST_STATS[m][0] for m in modalities), ())
+        std = sum((SYNTHETIC_KAIST_STATS[m][1] for m in modalities), ())
+        overrides = (f"input.modalities={','.join(modalities)}", f"model.pixel_mean={mean}".replace(" ", ""),
+                     f"model.pixel_std={std}".replace(" ", ""))
+        runs.append(Run(name="_".join(modalities), preset="tiny_pedestrian", init="random", iters=iters,
+                        data="synthetic_kaist", eval_period=eval_period, overrides=overrides))
+    return Grid("modalities", "pedestrians on the KAIST-layout miniature from random init: visible, thermal and "
+                "both (4 channels), MR^-2 Reasonable all / day / night", tuple(runs))
+
+
 def get_grid(name: str) -> Grid:
     if name in PAPER_GRIDS:
         return PAPER_GRIDS[name]
@@ -176,11 +198,13 @@ def get_grid(name: str) -> Grid:
         return mini_grid()
     if name == "tiny":
         return tiny_grid()
+    if name == "modalities":
+        return modality_grid()
     raise ValueError(f"unknown grid {name!r}; choose one of: {', '.join(grid_names())}")
 
 
 def grid_names() -> list[str]:
-    return ["paper", *PAPER_GRIDS, "mini", "tiny"]
+    return ["paper", *PAPER_GRIDS, "mini", "tiny", "modalities"]
 
 
 def expand(name: str) -> list[Grid]:
