@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print((Path(args.out) / "table.md").read_text())
             return 0
         grids = ex.expand(args.grid)
-        data = args.data or ("synthetic" if args.grid in ("tiny", "mini") else "datasets/coco")
+        data = args.data or ("synthetic" if args.grid in ("tiny", "mini", "ssl") else "datasets/coco")
         if args.command == "print" or getattr(args, "dry_run", False):
             launch = dict(launcher=args.launcher, gpus=args.gpus, nodes=args.nodes) if args.command == "print" else {}
             for g in grids:

@@ -53,7 +53,8 @@ from minimask.engine.checkpoint import (
     save_checkpoint,
     stream_changes,
 )
-from minimask.engine.initialization import check_init_config, describe_trainable, load_initial_weights
+from minimask.engine.initialization import (check_init_config, check_pretrain_metadata, describe_trainable,
+                                             load_initial_weights)
 from minimask.engine.precise_bn import bn_statistics, recompute_bn_stats
 from minimask.engine.run_log import plot_metrics
 from minimask.engine.solver import SCHEDULES, build_optimizer, lr_at, lr_steps, training_lr
@@ -62,6 +63,7 @@ from minimask.interop.channels import conventions_for_channels
 from minimask.interop.imagenet import apply_imagenet_conventions, imagenet_conventions
 from minimask.interop.weight_files import read_weights
 from minimask.miss_rate import as_metrics, coco_miss_rate, format_table, has_kaist_labels
+from minimask.tools.classification import read_pretrain_info
 from minimask.tools.visualize import save_visualizations
 
 EXIT_DIVERGED, EXIT_USAGE = loop.EXIT_DIVERGED, loop.EXIT_USAGE
@@ -232,6 +234,7 @@ def prepare(args) -> dict:
     weights = None
     if args.init == "imagenet":  # the weights fix the pixel convention and stride placement
         state, fmt = weights = read_weights(args.weights)
+        check_pretrain_metadata(read_pretrain_info(args.weights) if fmt == "minimask" else None, cfg, args.weights)
         conventions = conventions_for_channels(imagenet_conventions(fmt, state), num_channels(cfg.input.modalities))
         for change in apply_imagenet_conventions(cfg, conventions, keys):
             print(f"--init imagenet: {change}")

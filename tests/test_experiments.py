@@ -135,7 +135,7 @@ def test_collector_plots_and_tabulates_the_miss_rate_where_logged(tmp_path):
     assert co.collect(runs, tmp_path / "report")["files"] == ["ap.png", "table.md"]
     table = (tmp_path / "report" / "table.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| run "))
-    assert "MR^-2 (Reasonable)" in header and "| 41.5 |" in table
+    assert "MR^-2 all | MR^-2 day | MR^-2 night" in header and "| 41.5 | - | - |" in table
 
 
 def test_collect_cli_and_runs_without_an_experiment_record(tmp_path, capsys):

@@ -18,6 +18,7 @@ import re
 
 from torch import nn
 
+from minimask.data.coco import num_channels
 from minimask.interop.channels import adapt_detector_state, conventions_for_channels
 from minimask.interop.imagenet import (
     PIXEL_KEYS,
@@ -57,6 +58,30 @@ def check_init_config(cfg, init: str) -> None:
     if cfg.model.backbone.freeze_at > 0:
         raise ValueError(f"--init random with model.backbone.freeze_at={cfg.model.backbone.freeze_at}: frozen "
                          f"layers would stay random; use 0 when training from scratch")
+
+
+def check_pretrain_metadata(info: dict | None, cfg, path: str) -> None:
+    """A pretrain.py file records the backbone and pixel settings it was trained with, and its input channels:
+    refuse a config that disagrees (ValueError naming the key and both values), since the filters were learnt on
+    inputs normalised that way. A file without that record (another format) passes. A 3-channel backbone for a 1-
+    or 4-channel model is adapted by the rule of minimask.interop.channels, whose pixel values are checked there."""
+    if not info:
+        return
+    channels, have = info.get("in_channels", 3), num_channels(cfg.input.modalities)
+    if channels != have and not (channels == 3 and have in (1, 4)):
+        raise ValueError(f"--weights {path} holds a {channels}-channel backbone, but input.modalities="
+                         f"{tuple(cfg.input.modalities)} makes {have} channels")
+    want = {f"model.backbone.{k}": v for k, v in (info.get("backbone") or {}).items()}
+    if channels == have:
+        want.update({f"model.{k}": v for k, v in (info.get("pixel") or {}).items()})
+    for key, value in want.items():
+        have = get_key(cfg, key)
+        same = (list(have) == list(value)) if isinstance(have, (list, tuple)) else have == value
+        if key == "model.backbone.norm" and have in ("FrozenBN", "BN", "SyncBN") and value in ("BN", "SyncBN"):
+            same = True  # BN statistics load into any BatchNorm form (load_imagenet_backbone)
+        if not same:
+            raise ValueError(f"--weights {path} was pre-trained with {key}={value!r}, but the config has "
+                             f"{key}={have!r}: set it to match (or pre-train with this config)")
 
 
 def _frozen_prefixes(module: nn.Module, prefix: str = "") -> list[str]:

@@ -21,6 +21,7 @@ the last 60k and the last 20k iterations *whatever the schedule length* (2x = 18
 from __future__ import annotations
 
 import bisect
+import math
 import numbers
 from collections.abc import Iterable
 
@@ -108,6 +109,22 @@ def lr_at(
     if iteration < warmup:
         alpha = iteration / warmup
         lr *= warmup_factor * (1 - alpha) + alpha  # detectron2 `_get_warmup_factor_at_iter`, method "linear"
+    return float(lr)
+
+
+def cosine_lr_at(iteration: int, *, base_lr: float, max_iter: int, warmup_iters: int = 0,
+                 warmup_factor: float = 0.001) -> float:
+    """Cosine schedule without restarts (Loshchilov & Hutter, "SGDR", ICLR 2017, Eqn. 5 with one cycle), as MoCo
+    v2 pre-trains (its `main_moco.py --cos`): lr = base_lr * (1 + cos(pi * t / max_iter)) / 2, after the linear
+    warm-up of `lr_at` (at most a tenth of the run). Iterations past max_iter keep the final LR (0)."""
+    _check_schedule(base_lr, max_iter, (), 0.1, warmup_iters, warmup_factor)
+    if not _is_int(iteration) or iteration < 0:
+        raise ValueError(f"cosine_lr_at: iteration must be an int >= 0, got {iteration!r}")
+    lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
+    warmup = min(warmup_iters, max_iter // 10)
+    if iteration < warmup:
+        alpha = iteration / warmup
+        lr *= warmup_factor * (1 - alpha) + alpha
     return float(lr)
 
 

@@ -24,6 +24,9 @@ from minimask.model.norm import FrozenBatchNorm2d
 _BN_NORMS = ("FrozenBN", "BN", "SyncBN")  # norms that can hold BatchNorm weights with running statistics
 PIXEL_KEYS = ("model.input_format", "model.pixel_scale", "model.pixel_mean", "model.pixel_std")
 _D2_MEAN = (103.530, 116.280, 123.675)  # BGR 0-255; D2 config/defaults.py PIXEL_MEAN
+# The projection heads that `pretrain.py --method moco / densecl` saves beside the backbone (minimask.tools
+# .contrastive): part of the pre-training objective, not of the detector, so loading skips them.
+PROJECTION_HEADS = ("projector.", "dense_projector.")
 
 
 # ---- Caffe2 (Detectron / detectron2 ImageNet pickles) -> minimask names --------------------------------------------
@@ -238,6 +241,12 @@ def load_imagenet_backbone(backbone: nn.Module, state: dict, fmt: str, *, strict
     renamed = _rename(state, fmt)
     if fmt == "minimask" and all(k.startswith("backbone.") for k in renamed):
         renamed = {k.removeprefix("backbone."): v for k, v in renamed.items()}
+    heads = [k for k in renamed if fmt == "minimask" and k.startswith(PROJECTION_HEADS)]
+    if heads:
+        for key in heads:
+            del renamed[key]
+        notes.append(f"skipped the self-supervised projection heads ({len(heads)} tensors: "
+                     f"{', '.join(sorted({k.split('.')[0] + '.*' for k in heads}))})")
     target = backbone.state_dict()
     modules = dict(backbone.named_modules())
     affine_only = fmt == "caffe2" and _caffe2_norm(state) == "FrozenBN"
