@@ -53,6 +53,7 @@ from minimask.data.samplers import build_train_loader, consumed_samples
 from minimask.distributed import init_distributed
 from minimask.engine import loop
 from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
+from minimask.engine.run_log import plot_metrics
 from minimask.data.unlabelled import UnlabelledImages, unlabelled_sources
 from minimask.engine.solver import build_optimizer, cosine_lr_at, lr_at, lr_steps, scaled_lr
 from minimask.interop.imagenet import PROJECTION_HEADS
@@ -287,6 +288,7 @@ class PretrainRun:
         top = self.evaluate(iteration) if self.val_set is not None else None
         self.checkpoint("model_final.pth", iteration, top)
         if self.dist_info.rank == 0:
+            plot_metrics(self.log.history, self.output)  # loss.png
             print(f"done: {iteration} iterations; backbone weights {self.output / 'model_final.pth'}")
             print(json.dumps({k: v for k, v in self.info(iteration, None).items()
                               if k in ("iterations", "batch_size", "images_seen", "image_size")}))

@@ -52,8 +52,8 @@ def plot_metrics(history: list[dict], output: Path) -> None:
         ax.set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
         ax.legend(fontsize=7)
         fig.savefig(output / "loss.png", dpi=100)
-    evals = [r for r in history if r["kind"] == "eval"]
-    if evals:
+    evals = [r for r in history if r["kind"] == "eval" and any(f"{k}/AP" in r for k in ("bbox", "segm", "keypoints"))]
+    if evals:  # (pretrain.py's evaluations are top-1 / top-5, no AP)
         fig = Figure(figsize=(7, 4))
         ax = fig.add_subplot()
         for kind in ("bbox", "segm", "keypoints"):

@@ -16,6 +16,7 @@ iterations, batch size and images seen.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
         metric, ylabel, title = PANELS[kind]
         ax = fig.add_subplot(1, len(kinds), i + 1)
         order, shaded = {}, set()
+        shared = Counter((r.init, r.schedule) for r in results)  # several runs of one kind: name each line by its run
         for r in results:
             points = [(e["iter"], e[f"{kind}/{metric}"]) for e in r.evals if e.get(f"{kind}/{metric}") is not None]
             if not points:
@@ -140,7 +142,8 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
             colour = _colour(r.init)
             name = {"random": "random init", "imagenet": "pre-trained"}.get(r.init, r.init)
             ax.plot(xs, [ap for _, ap in points], style, marker="o", markersize=3, color=colour,
-                    label=f"{name}, {r.schedule or r.label} ({r.max_iter} it)")
+                    label=f"{name}, {r.label if shared[(r.init, r.schedule)] > 1 else r.schedule or r.label} "
+                          f"({r.max_iter} it)")
             for step in r.steps:
                 if step <= r.last_iter:
                     ax.axvline(offset + step * scale, color=colour, linestyle=":", linewidth=0.8, alpha=0.5)
