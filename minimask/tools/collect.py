@@ -111,8 +111,15 @@ def _kinds(results) -> list[str]:
     return [k for k, (metric, _, _) in PANELS.items() if any(r.final(k, metric) is not None for r in results)]
 
 
-def _colour(init: str) -> str:
-    return {"random": RANDOM_COLOUR, "imagenet": PRETRAINED_COLOUR}.get(init, OTHER_COLOUR)
+# Self-supervised backbones (pretrain.py --method moco / densecl) get colours of their own beside the paper's two
+SELF_SUPERVISED_COLOURS = {"moco": "#1b9e77", "densecl": "#377eb8"}
+
+
+def _colour(r: RunResult) -> str:
+    method = (r.pretrain or {}).get("method")
+    if r.init == "imagenet" and method in SELF_SUPERVISED_COLOURS:
+        return SELF_SUPERVISED_COLOURS[method]
+    return {"random": RANDOM_COLOUR, "imagenet": PRETRAINED_COLOUR}.get(r.init, OTHER_COLOUR)
 
 
 def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False) -> None:
@@ -139,8 +146,10 @@ def plot_runs(results: list[RunResult], out_png, *, equal_compute: bool = False)
             offset = r.pretrain_images if equal_compute else 0
             scale = r.batch_size if equal_compute else 1
             xs = [offset + it * scale for it, _ in points]
-            colour = _colour(r.init)
+            colour = _colour(r)
             name = {"random": "random init", "imagenet": "pre-trained"}.get(r.init, r.init)
+            if r.pretrain and r.pretrain.get("method") in SELF_SUPERVISED_COLOURS:
+                name = f"pre-trained ({r.pretrain['method']})"
             ax.plot(xs, [ap for _, ap in points], style, marker="o", markersize=3, color=colour,
                     label=f"{name}, {r.label if shared[(r.init, r.schedule)] > 1 else r.schedule or r.label} "
                           f"({r.max_iter} it)")
