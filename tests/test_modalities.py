@@ -162,7 +162,7 @@ def test_imagenet_backbone_loads_into_c_channels(channels):
     rgb = ResNet(depth=18, norm="GN", width_per_group=32)
     target = ResNet(depth=18, norm="GN", width_per_group=32, in_channels=channels)
     report = load_imagenet_backbone(target, rgb.state_dict(), "minimask")
-    assert f"conv1 adapted from 3 to {channels} input channels" in report
+    assert f"conv1 adapted from 3 channels to a {channels}-channel input" in report
     assert torch.equal(target.conv1.weight, adapt_first_conv(rgb.conv1.weight.detach(), channels))
     assert torch.equal(target.layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
 
@@ -189,7 +189,7 @@ def test_detector_checkpoint_loads_into_c_channels(tmp_path, channels):
     model = build_model(get_config("tiny", [f"input.modalities={modalities}", f"model.pixel_mean=({values},)",
                                             f"model.pixel_std=({values},)"]))
     report = load_initial_weights(model, "checkpoint", str(path))
-    assert f"adapted to {channels} channels" in report
+    assert f"adapted to a {channels}-channel input" in report
     assert torch.equal(model.backbone.conv1.weight, adapt_first_conv(rgb.backbone.conv1.weight.detach(), channels))
     expected_mean = adapt_pixel_values(rgb.pixel_mean.flatten().tolist(), channels)
     assert torch.allclose(model.pixel_mean.flatten(), torch.tensor(expected_mean))

@@ -66,4 +66,4 @@ def adapt_detector_state(state: dict, in_channels: int) -> tuple[dict, str | Non
         if key in state and state[key].numel() == 3:
             state[key] = torch.tensor(adapt_pixel_values(state[key].flatten().tolist(), in_channels),
                                       dtype=state[key].dtype).view(-1, 1, 1)
-    return state, f"the 3-channel first convolution adapted to {in_channels} channels ({RULE})"
+    return state, f"the 3-channel first convolution adapted to a {in_channels}-channel input ({RULE})"

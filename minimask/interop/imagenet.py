@@ -269,7 +269,7 @@ def load_imagenet_backbone(backbone: nn.Module, state: dict, fmt: str, *, strict
     channels = target["conv1.weight"].shape[1]
     if channels != 3 and "conv1.weight" in renamed and renamed["conv1.weight"].shape[1] == 3:
         renamed["conv1.weight"] = adapt_first_conv(renamed["conv1.weight"], channels)
-        notes.append(f"conv1 adapted from 3 to {channels} input channels ({RULE})")
+        notes.append(f"conv1 adapted from 3 channels to a {channels}-channel input ({RULE})")
     if "fc.weight" in renamed and "fc.weight" not in target:
         dropped = [k for k in ("fc.weight", "fc.bias") if renamed.pop(k, None) is not None]
         notes.append(f"dropped the ImageNet classifier ({', '.join(dropped)})")
