@@ -42,7 +42,7 @@ from minimask.data import (
     subset_indices,
 )
 from minimask.data.coco import check_image_files, dataset_splits
-from minimask.data.coco import num_channels
+from minimask.data.images import num_channels
 from minimask.data.samplers import consumed_samples, derive_seed
 from minimask.distributed import init_distributed
 from minimask.engine import loop

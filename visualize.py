@@ -106,7 +106,7 @@ class ImageFiles:
     """Image files as a dataset for `save_visualizations`: item i is (image, {"image_id": its file name stem})."""
 
     def __init__(self, paths: list[str], transforms, category_names=None):
-        from minimask.data.coco import load_image
+        from minimask.data.images import load_image
 
         self.paths, self.transforms, self._load = [Path(p) for p in paths], transforms, load_image
         self.category_names = category_names  # with no category_ids: label k is category_names[k - 1]

@@ -100,7 +100,8 @@ def main():
     if not ann_file.is_file():
         print(f"skipped: {ann_file} not found (set --data or MINIMASK_SHARED_DATA)")
         return
-    from minimask.data.coco import CocoDetection, load_image
+    from minimask.data.coco import CocoDetection
+    from minimask.data.images import load_image
     from minimask.data.transforms import build_transforms
 
     if args.upscale:

@@ -6,7 +6,7 @@ reading it top to bottom shows the whole model of a preset.
 import torch
 
 from minimask.config import Config, ModelConfig
-from minimask.data.coco import num_channels
+from minimask.data.images import num_channels
 from minimask.interop.torchvision_conventions import TorchvisionRoIHeads, TorchvisionRPN
 from minimask.model.box_head import BoxPredictor, ConvFCHead
 from minimask.model.cascade import CascadeRoIHeads

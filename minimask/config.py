@@ -155,8 +155,8 @@ class InputConfig:
     # D2 INPUT.MASK_FORMAT: "polygon" rasterises COCO polygons inside each RoI (images whose masks are all polygons);
     # "bitmask" decodes full-image bitmaps (torchvision's loader; its soft mask targets need them)
     mask_format: str = "polygon"
-    # Aligned frames stacked into the input (minimask.data.coco.load_frames): ("visible",) RGB, ("thermal",) 1 channel,
-    # ("visible", "thermal") 4; model.pixel_mean / pixel_std then need one value per channel
+    # Aligned frames stacked into the input (minimask.data.images.load_frames): ("visible",) RGB, ("thermal",)
+    # 1 channel, ("visible", "thermal") 4; model.pixel_mean / pixel_std then need one value per channel
     modalities: tuple = ("visible",)
 
 

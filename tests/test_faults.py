@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 import minimask  # noqa: E402
 import train  # noqa: E402
-from minimask.data.coco import CocoDetection, ImageLoadError, load_image  # noqa: E402
+from minimask.data.coco import CocoDetection  # noqa: E402
+from minimask.data.images import ImageLoadError, load_image  # noqa: E402
 from minimask.data.synthetic import build_synthetic  # noqa: E402
 from minimask.data.transforms import build_transforms  # noqa: E402
 from minimask.engine.checkpoint import load_checkpoint  # noqa: E402
@@ -475,7 +476,7 @@ _FAULT_ENTRY = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import torch
     import train
-    import minimask.data.coco as coco
+    import minimask.data.images as images
     from minimask.model.mask_rcnn import MaskRCNN
 
     fault, at = os.environ["FAULT"], int(os.environ["FAULT_AT"])
@@ -493,13 +494,13 @@ _FAULT_ENTRY = textwrap.dedent("""
             return original(self, *args, **kwargs)
         MaskRCNN.forward = forward
     if mine and fault == "data":
-        original_load = coco.load_image
+        original_load = images.load_image
         def load_image(path):
             calls.append(1)
             if len(calls) >= at:
-                raise coco.ImageLoadError(f"{{path}}: cannot decode image (injected)")
+                raise images.ImageLoadError(f"{{path}}: cannot decode image (injected)")
             return original_load(path)
-        coco.load_image = load_image
+        images.load_image = load_image
     if mine and fault == "kill_in_save":
         original_save = torch.save
         def save(obj, f, *args, **kwargs):

@@ -10,13 +10,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minimask import build_model, get_config
-from minimask.data.coco import CocoDetection, ImageLoadError, load_frames
-from minimask.data.coco import num_channels
-from minimask.data.pixel_stats import channel_order, main as stats_main, pixel_statistics
+from minimask.data.coco import CocoDetection
+from minimask.data.images import ImageLoadError, load_frames, num_channels
+from minimask.data.pixel_stats import channel_order, pixel_statistics
+from minimask.data.pixel_stats import main as stats_main
 from minimask.data.transforms import hflip, resize
 from minimask.engine.initialization import load_initial_weights
-from minimask.interop.channels import adapt_first_conv, adapt_pixel_values, conventions_for_channels
-from minimask.interop.imagenet import load_imagenet_backbone, pixel_transform, same_transform
+from minimask.interop.channels import (
+    adapt_first_conv,
+    adapt_pixel_values,
+    conventions_for_channels,
+)
+from minimask.interop.imagenet import (
+    load_imagenet_backbone,
+    pixel_transform,
+    same_transform,
+)
 from minimask.model.resnet import ResNet
 from minimask.tools.visualize import to_uint8_hwc
 

@@ -6,7 +6,8 @@ project builds itself (the synthetic set, Penn-Fudan converted to COCO).
                             transforms=build_transforms(min_sizes=(800,), max_size=1333, flip=False, train=False))
     image, target = dataset[0]  # (3, H, W) float32 in [0, 1]; dict of boxes/labels/masks/...
 """
-from minimask.data.coco import CocoDetection, ImageLoadError, load_image
+from minimask.data.coco import CocoDetection
+from minimask.data.images import ImageLoadError, load_image
 from minimask.data.pennfudan import convert_pennfudan
 from minimask.data.samplers import (
                                     IndexSubset,

@@ -1,6 +1,6 @@
 """Per-channel pixel mean and std of a dataset's images, for `model.pixel_mean` / `model.pixel_std`.
 
-Multispectral input (`input.modalities`, stacked by `minimask.data.coco.load_frames`): a camera rig such as
+Multispectral input (`input.modalities`, stacked by `minimask.data.images.load_frames`): a camera rig such as
 KAIST's (Hwang et al., CVPR 2015) films every scene twice, in colour and in thermal infrared (LWIR), with the two
 frames pixel-aligned. An image record of a COCO-format file names the colour frame in `file_name` (COCO's own field)
 and, where there is one, the thermal frame in `lwir_file_name` (the KAIST converter's field, `minimask.data.kaist`).
@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minimask.data.coco import MODALITIES, check_modalities, load_frames, num_channels
+from minimask.data.images import MODALITIES, check_modalities, load_frames, num_channels
 
 
 def channel_order(modalities, input_format: str) -> list[int]:

@@ -5,7 +5,7 @@ to 800 px (longer side <= 1333) and a random horizontal flip, no other augmentat
 training shorter side from [640, 800]. detectron2 (D2) implements this as
 `ResizeShortestEdge` + `RandomFlip`; we follow its conventions:
 
-- An image is a float tensor (C, H, W): 3 RGB channels, or the stacked frames of `minimask.data.coco.load_frames`.
+- An image is a float tensor (C, H, W): 3 RGB channels, or the stacked frames of `minimask.data.images.load_frames`.
   A target is the dict of the data contract: `boxes` (N, 4) float xyxy in
   continuous pixel coordinates, `labels` (N,) int64, optionally `masks` (N, H, W) (uint8 {0, 1}, or float
   coverage in [0, 1] once resized) and `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel

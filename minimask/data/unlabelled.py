@@ -9,7 +9,7 @@ turns each `--data` value into image records:
   so frames without objects count too);
 - several of them together (`--data pennfudan synthetic`): the images of each.
 
-`UnlabelledImages[i]` decodes image i with the frames of `input.modalities` (`minimask.data.coco.load_frames`) and
+`UnlabelledImages[i]` decodes image i with the frames of `input.modalities` (`minimask.data.images.load_frames`) and
 returns two independently augmented views (MoCo's two crops, `minimask.data.augment.two_views`). With
 `cross_modal=True` (a 1-channel model on visible + thermal data) the two views are the grey visible frame and the
 thermal frame of one scene, in random order, each augmented as thermal: what a camera rig films twice is a natural
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from minimask.data.coco import dataset_splits, is_data_pairs, load_frames, num_channels
 from minimask.data.augment import moco_v2_view, two_views
+from minimask.data.coco import dataset_splits, is_data_pairs
+from minimask.data.images import load_frames, num_channels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 _NAMED = ("synthetic", "synthetic_kaist", "pennfudan")

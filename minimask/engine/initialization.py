@@ -18,7 +18,7 @@ import re
 
 from torch import nn
 
-from minimask.data.coco import num_channels
+from minimask.data.images import num_channels
 from minimask.interop.channels import adapt_detector_state, conventions_for_channels
 from minimask.interop.imagenet import (
     PIXEL_KEYS,

@@ -1,7 +1,7 @@
 """Fitting 3-channel (RGB) weights to a model of another input: thermal (1 channel) or RGB + thermal (4).
 
 ImageNet backbones and detectors trained on colour images have a first convolution with 3 input channels; a
-multispectral model (`minimask.data.coco.load_frames`) has C. Only that layer and the pixel normalisation differ; the
+multispectral model (`minimask.data.images.load_frames`) has C. Only that layer and the pixel normalisation differ; the
 rule used for `--init imagenet` and for `--init checkpoint` from a 3-channel detector alike:
 
 - filters: the visible channels keep the RGB filters; the thermal channel gets the mean of the three RGB filters
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minimask.data.coco import modalities_of
+from minimask.data.images import modalities_of
 
 RULE = "visible filters kept, thermal filter = the mean of the 3 RGB filters, all scaled by 3/C"
 

@@ -9,7 +9,7 @@ Contract (torchvision's):
   `keypoints` (N, K, 3) (x, y, 1) and `keypoints_scores` (N, K).
 
 `images` is a list of float tensors (C, H, W) in [0, 1], possibly of different sizes: RGB (C = 3), or the stacked
-frames of `minimask.data.coco.load_frames` (thermal C = 1, RGB + thermal C = 4). `targets` is a list of
+frames of `minimask.data.images.load_frames` (thermal C = 1, RGB + thermal C = 4). `targets` is a list of
 dicts with `boxes` (N, 4) float xyxy, `labels` (N,) int64 in 1..num_classes (0 is background), and optionally
 `masks` (N, H, W) uint8 bitmaps or float coverage in [0, 1] (plus `polygons` if the data pipeline passes them) and
 `keypoints` (N, K, 3) float (x, y, visibility) in continuous pixel coordinates. The model never resizes: that

@@ -131,7 +131,7 @@ class ResNet(nn.Module):
         num_classes: builds `fc` (global average pool + linear) for "logits". Required by "logits", and only
             allowed together with it (an fc that never runs would be a dead parameter).
         in_channels: channels of the input image: 3 (RGB), or 1 / 4 for thermal / RGB + thermal input
-            (`minimask.data.coco.load_frames`); only the stem's conv1 depends on it.
+            (`minimask.data.images.load_frames`); only the stem's conv1 depends on it.
 
     Attributes:
         out_channels, strides: dict[str, int] for the requested spatial features ("logits" is not spatial and

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimask.data.coco import load_image
+from minimask.data.images import load_image
 from minimask.data.samplers import build_test_loader
 from minimask.distributed import all_reduce_sum
 from minimask.model.resnet import ResNet

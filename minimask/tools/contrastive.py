@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimask.data.coco import num_channels
+from minimask.data.images import num_channels
 from minimask.distributed import get_world_size
 from minimask.model.resnet import ResNet
 from minimask.tools.classification import BACKBONE_KEYS, PIXEL_KEYS

@@ -33,7 +33,7 @@ def instance_colors(n: int) -> list[tuple[int, int, int]]:
 
 def to_uint8_hwc(image) -> np.ndarray:
     """A (C, H, W) tensor or array, float in [0, 1] or uint8, as a uint8 (H, W, 3) array; ValueError otherwise.
-    C = 3 is RGB; of a multispectral input (`minimask.data.coco.load_frames`) the visible frame is drawn (C = 4: the
+    C = 3 is RGB; of a multispectral input (`minimask.data.images.load_frames`) the visible frame is drawn (C = 4: the
     first three channels), or the thermal one in grey (C = 1)."""
     array = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
     if array.ndim != 3 or array.shape[0] not in (1, 3, 4):
