@@ -32,7 +32,7 @@ from pycocotools.coco import COCO
 import minimask
 from minimask.cli import ArgumentParser, UsageError, data_spec, ensure_writable_dir, positive_int, require_file
 from minimask.distributed import init_distributed
-from minimask.evaluation import evaluate_coco, gather_results, inference, result_type
+from minimask.evaluation import RESULT_KEYS, evaluate_coco, gather_results, inference, result_type
 
 TTA_SCALES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # detectron2 TEST.AUG.MIN_SIZES
 TTA_MAX_SIZE = 4000  # detectron2 TEST.AUG.MAX_SIZE
@@ -221,6 +221,9 @@ def prepare_model_run(args) -> dict:
     if not pinned:  # the classifier's rows (K + 1) say how many classes the weights predict
         classifier = [v for k, v in state.items() if k.endswith("cls_score.weight")]
         cfg.model.roi_heads.num_classes = classifier[0].shape[0] - 1 if classifier else dataset.num_classes
+    if keypoints and not any(o.split("=", 1)[0].strip() == "model.keypoint_head.classes" for o in args.overrides):
+        cfg.model.keypoint_head.classes = dataset.keypoint_labels if dataset.num_classes == \
+            cfg.model.roi_heads.num_classes else ()  # the data's labels apply when the classes are the data's
     model = minimask.build_model(cfg)
     load_weights(model, state, args.weights, dataset.category_ids)
     model.to(device)
@@ -304,7 +307,7 @@ def run_model(*, model, loader, dataset, device, rank, world_size, iou_types, ou
             for kind in iou_types:
                 fields = RESULT_FIELDS[kind]
                 write_json(Path(output) / f"results_{kind}.json",
-                           [{k: r[k] for k in fields} for r in results])
+                           [{k: r[k] for k in fields} for r in results if RESULT_KEYS[kind] in r])
             write_json(Path(output) / "metrics.json", metrics)
     if world_size > 1:
         torch.distributed.barrier()

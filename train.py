@@ -200,6 +200,8 @@ def build_datasets(cfg, keys, splits):
         cfg.model.roi_heads.num_classes = train.num_classes
     if keypoints and "model.keypoint_head.num_keypoints" not in keys:
         cfg.model.keypoint_head.num_keypoints = train.num_keypoints
+    if keypoints and "model.keypoint_head.classes" not in keys:
+        cfg.model.keypoint_head.classes = train.keypoint_labels
     if cfg.data.train_subset:
         train_subset = IndexSubset(train, subset_indices(len(train), cfg.data.train_subset, cfg.seed))
         return train, train_subset, val

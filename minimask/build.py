@@ -119,6 +119,7 @@ def build_roi_heads(m: ModelConfig) -> RoIHeads:
         mask_size=2 * m.mask_head.resolution,
         keypoint_heatmap_size=m.keypoint_head.heatmap_size,
         keypoint_loss_weight=m.keypoint_head.loss_weight,
+        keypoint_classes=m.keypoint_head.classes,
         ignore_iof_thr=m.ignore_iof_thr,
     )
 

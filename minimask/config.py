@@ -98,6 +98,9 @@ class KeypointHeadConfig:
     resolution: int = 14
     heatmap_size: int = 56  # deconv (28) then bilinear x2 (D2)
     loss_weight: float = 1.0  # D2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT (the demo lowers it, see _DEMO)
+    # Labels (1..K) whose detections get keypoints; () = every class, as in COCO's person-only keypoint models.
+    # train.py and evaluate.py fill it from the categories that list keypoint names (persons among shapes in the demo).
+    classes: tuple = ()
 
 
 @dataclass

@@ -59,7 +59,8 @@ def predictions_to_coco(outputs: list[dict], image_ids, orig_sizes, input_sizes,
     Returns:
         One dict per detection: `image_id`, `category_id`, `bbox` [x, y, w, h], `score`, plus `segmentation`
         (compressed RLE, `counts` a str) when masks are given and `keypoints` (flat [x, y, score] * P, with the
-        -0.5 export convention) when keypoints are given. Images with no detections contribute nothing.
+        -0.5 export convention) when keypoints are given, except for detections whose keypoints all have v = 0 (a
+        class without keypoints, `model.keypoint_head.classes`). Images with no detections contribute nothing.
     """
     if not (len(outputs) == len(image_ids) == len(orig_sizes) == len(input_sizes)):
         raise ValueError(f"outputs, image_ids, orig_sizes and input_sizes differ in length: {len(outputs)}, "
@@ -112,8 +113,10 @@ def _image_to_coco(out: dict, image_id: int, orig: tuple[int, int], size: tuple[
         # Scale the continuous coordinates, then -0.5: COCO keypoints are integer pixel indices (detectron2).
         xy = export_keypoints(kps * torch.tensor([sx, sy, 1.0], dtype=torch.float64))[..., :2]  # (N, P, 2)
         flat = torch.cat((xy, kp_scores[..., None]), dim=2).flatten(1).tolist()  # (N, 3P)
-        for r, k in zip(results, flat):
-            r["keypoints"] = k
+        predicted = (kps[..., 2] > 0).any(dim=1).tolist()  # (N,) all v = 0: a class without keypoints
+        for r, k, p in zip(results, flat, predicted):
+            if p:
+                r["keypoints"] = k
     return results
 
 

@@ -311,6 +311,15 @@ def test_keypoint_mode_crafted(tmp_path):
     assert "keypoints" not in target and len(target["boxes"]) == 2 and ds.num_keypoints == 0
 
 
+def test_keypoint_labels_name_the_classes_with_keypoints(tmp_path):
+    # The person among shapes (the synthetic set's layout): only its contiguous label gets keypoints.
+    cats = [{"id": 3, "name": "circle"}, {"id": 7, "name": "person", "keypoints": ["a"]}, {"id": 9, "name": "ring"}]
+    anns = [_ann(1, 1, [1, 1, 5, 5], category_id=3), _ann(2, 1, [1, 1, 5, 5], category_id=7, keypoints=[2, 3, 2])]
+    files = _write_dataset(tmp_path, [_img(1)], anns, categories=cats)
+    assert CocoDetection(*files).keypoint_labels == (2,)
+    assert CocoDetection(*files, keypoints=False).keypoint_labels == ()
+
+
 def test_transforms_applied_last_and_indexing(tmp_path):
     files = _write_dataset(tmp_path, [_img(1), _img(2)], [_ann(1, 1, [1, 1, 3, 3]), _ann(2, 2, [0, 0, 4, 4])])
     seen = []

@@ -196,6 +196,7 @@ def test_predictions_to_coco_scales_per_axis_and_maps_categories():
     assert len(first["keypoints"]) == 51
     assert first["keypoints"][:3] == pytest.approx([20.5 * 3 - 0.5, 10.5 * 2 - 0.5, 0.75])
     assert first["keypoints"][3:5] == pytest.approx([-0.5, -0.5])
+    assert "keypoints" not in second  # all v = 0: a detection of a class without keypoints
     json.dumps(results)  # JSON-serialisable
 
 
@@ -369,6 +370,28 @@ def test_evaluate_py_keypoint_model_with_tta(tmp_path, capsys):
     kps = json.loads((out_dir / "results_keypoints.json").read_text())
     assert kps and all(len(r["keypoints"]) == 51 and r["category_id"] == 1 for r in kps)
     assert ev.result_type(kps) == "keypoints"
+
+
+def test_evaluate_py_keypoints_only_for_the_classes_that_have_them(tmp_path, capsys):
+    # The synthetic set mixes shapes with persons (category 6, the only one listing keypoint names): evaluate.py
+    # gives keypoints to person detections only, and results_keypoints.json holds just those.
+    build_synthetic(tmp_path / "data", num_train=1, num_val=3)
+    model = minimask.build_model(minimask.get_config("tiny_keypoint", ["model.roi_heads.num_classes=6"]))
+    with torch.no_grad():  # random weights: make classes 1 (circle) and 6 (person) the confident ones
+        bias = model.roi_heads.box_predictor.cls_score.bias
+        bias.fill_(-3.0)
+        bias[[1, 6]] = 3.0
+    torch.save(model.state_dict(), tmp_path / "kp.pth")
+    out_dir = tmp_path / "out"
+    code, _, err = _run_cli(["--config", "tiny_keypoint", "--weights", tmp_path / "kp.pth",
+                             "--ann", tmp_path / "data" / "annotations" / "instances_val.json",
+                             "--images", tmp_path / "data" / "val", "--output", out_dir,
+                             "model.roi_heads.score_thresh=0.0", "model.roi_heads.detections_per_image=30"], capsys)
+    assert code == 0, err
+    boxes = json.loads((out_dir / "results_bbox.json").read_text())
+    kps = json.loads((out_dir / "results_keypoints.json").read_text())
+    assert {r["category_id"] for r in boxes} == {1, 6} and {r["category_id"] for r in kps} == {6}
+    assert len(kps) == sum(r["category_id"] == 6 for r in boxes)
 
 
 # ---- empty results, bad results ----------------------------------------------------------------------------------

@@ -268,6 +268,30 @@ def test_eval_outputs_match_the_pieces():
             assert (d["keypoints"][:, :, 2] == 1).all()
 
 
+def test_eval_keypoints_only_for_keypoint_classes():
+    # The same weights with and without keypoint_classes: detections of those classes get the same keypoints,
+    # the others all zeros (v = 0, score 0), and nothing else changes.
+    torch.manual_seed(0)
+    every = make_heads(detections_per_image=30).eval()
+    some = make_heads(detections_per_image=30, keypoint_classes=(2,)).eval()
+    some.load_state_dict(every.state_dict())
+    features, proposals = make_features(), [random_boxes(40), random_boxes(30, 56, 80)]
+    with torch.no_grad():
+        expected, _ = every(features, proposals, IMAGE_SIZES)
+        detections, _ = some(features, proposals, IMAGE_SIZES)
+    for d, e in zip(detections, expected):
+        for key in ("boxes", "labels", "scores", "masks"):
+            assert torch.equal(d[key], e[key])
+        person = d["labels"] == 2
+        assert 0 < person.sum() < person.numel()
+        torch.testing.assert_close(d["keypoints"][person], e["keypoints"][person])
+        torch.testing.assert_close(d["keypoints_scores"][person], e["keypoints_scores"][person])
+        assert (d["keypoints"][~person] == 0).all() and (d["keypoints_scores"][~person] == 0).all()
+    for bad in ((0,), (NUM_CLASSES + 1,), (1.0,)):
+        with pytest.raises(ValueError, match="keypoint_classes"):
+            make_heads(keypoint_classes=bad)
+
+
 def test_eval_without_mask_and_keypoint_heads():
     heads = make_heads(mask=False, keypoint=False).eval()
     with torch.no_grad():

@@ -211,6 +211,18 @@ def test_imagenet_init_takes_the_weights_conventions_and_reports_what_trains(syn
                                                                                                    0.406]
 
 
+def test_keypoint_classes_come_from_the_data_unless_pinned(synthetic_root, tmp_path):
+    # The synthetic set's person (its 6th category) is the only class with keypoints; the circles get none.
+    pairs = [f"{split}={synthetic_root}/annotations/instances_{split}.json:{synthetic_root}/{split}"
+             for split in ("train", "val")]
+    for extra, expected in (([], [6]), (["model.keypoint_head.classes=(1, 6)"], [1, 6])):
+        out = tmp_path / f"out{len(extra)}"
+        argv = tiny_argv(synthetic_root, out, "--iters", "1", "model.keypoint_head.enabled=True", *extra)
+        argv[argv.index("--data") + 1:argv.index("--data") + 2] = pairs
+        assert train.main(argv) == 0
+        assert json.loads((out / "config.json").read_text())["model"]["keypoint_head"]["classes"] == expected
+
+
 @pytest.mark.slow
 def test_precise_bn_changes_the_evaluated_model_but_not_the_training_run(synthetic_root, tmp_path, capsys):
     bn = ["model.backbone.norm=BN", "model.fpn.norm=BN", "model.box_head.norm=BN", "model.mask_head.norm=BN"]

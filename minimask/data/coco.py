@@ -316,6 +316,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.keypoint_names = list(next(iter(kp_names))) if self.keypoints else []
         self.num_keypoints = len(self.keypoint_names)
         keypoint_categories = {c["id"] for c in cats if c.get("keypoints")}  # COCO: person
+        # Their contiguous labels (1..K), the classes whose detections get keypoints (model.keypoint_head.classes).
+        self.keypoint_labels = tuple(i + 1 for i, c in enumerate(cats) if c["id"] in keypoint_categories
+                                     ) if self.keypoints else ()
         self.has_masks = any("segmentation" in a for a in data["annotations"] if not a["iscrowd"])
 
         self._images = {img["id"]: img for img in data["images"]}

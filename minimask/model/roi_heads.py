@@ -140,8 +140,9 @@ class RoIHeads(nn.Module):
     Training returns ([], {"loss_classifier", "loss_box_reg"} + "loss_mask" / "loss_keypoint" where those heads
     exist). Eval returns (B dicts with `boxes` (N, 4), `labels` (N,) int64 in 1..K, `scores` (N,), and `masks`
     (N, 1, h, w) float probabilities / `keypoints` (N, 17, 3) and `keypoints_scores` (N, 17) where those heads
-    exist, {}). Zero proposals, zero GT and zero foreground RoIs are all allowed: losses stay finite and the
-    regression / mask / keypoint losses are exactly 0 but still connected to every head's parameters.
+    exist, 0 for detections outside `keypoint_classes`, {}). Zero proposals, zero GT and zero foreground RoIs are
+    all allowed: losses stay finite and the regression / mask / keypoint losses are exactly 0 but still connected to
+    every head's parameters.
     """
 
     def __init__(self, *, box_head: nn.Module, box_predictor: nn.Module, mask_head: nn.Module | None = None,
@@ -152,9 +153,11 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, append_gt: bool = True, box_reg_weights: tuple = (10, 10, 5, 5),
                  box_reg_loss: str = "l1", smooth_l1_beta: float = 0.0, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, mask_size: int = 28,
-                 keypoint_heatmap_size: int = 56, keypoint_loss_weight: float = 1.0, mask_rois_per_image: int = 0,
-                 ignore_iof_thr: float = -1.0):
+                 keypoint_heatmap_size: int = 56, keypoint_loss_weight: float = 1.0, keypoint_classes: tuple = (),
+                 mask_rois_per_image: int = 0, ignore_iof_thr: float = -1.0):
         """keypoint_loss_weight scales `loss_keypoint` (detectron2 ROI_KEYPOINT_HEAD.LOSS_WEIGHT, 1.0).
+        keypoint_classes: the labels (1..K) whose detections get keypoints, e.g. the person among other objects;
+            () = all of them (a person-only keypoint model). The other detections' keypoints are 0 (v = 0: none).
         mask_rois_per_image > 0: at most that many foreground RoIs per image train the mask head (`random_subset`);
             0 = all (the paper, detectron2, torchvision).
         ignore_iof_thr >= 0 (commonly 0.5; < 0 = off, the default): in training, a background candidate whose
@@ -179,6 +182,10 @@ class RoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.mask_size, self.keypoint_heatmap_size = mask_size, keypoint_heatmap_size
         self.keypoint_loss_weight = keypoint_loss_weight
+        bad = [c for c in keypoint_classes if not (isinstance(c, int) and 1 <= c <= num_classes)]
+        if bad:
+            raise ValueError(f"keypoint_classes must be labels in 1..{num_classes}, got {bad[0]!r}")
+        self.keypoint_classes = tuple(keypoint_classes)
         if mask_rois_per_image < 0:
             raise ValueError(f"mask_rois_per_image must be >= 0 (0 = all), got {mask_rois_per_image}")
         self.mask_rois_per_image = mask_rois_per_image
@@ -308,12 +315,23 @@ class RoIHeads(nn.Module):
         return paste_masks(probs, boxes, image_size)
 
     def _add_keypoints(self, features, detections: list[dict[str, Tensor]]) -> None:
-        boxes = [d["boxes"] for d in detections]
-        logits = self.keypoint_head(self._pool(features, boxes, self.keypoint_resolution))  # (N, P, S, S)
-        keypoints, scores = self._decode_keypoints(logits, torch.cat(boxes))  # (N, P, 3), (N, P)
+        # Only detections of the keypoint classes get keypoints (a circle has no elbows); the others get 0 (v = 0).
+        chosen = [self._keypoint_rows(d["labels"]) for d in detections]  # each (N_i,) bool, or None = all rows
+        boxes = [d["boxes"] if c is None else d["boxes"][c] for d, c in zip(detections, chosen)]  # each (N'_i, 4)
+        logits = self.keypoint_head(self._pool(features, boxes, self.keypoint_resolution))  # (N', P, S, S)
+        keypoints, scores = self._decode_keypoints(logits, torch.cat(boxes))  # (N', P, 3), (N', P)
         counts = [b.shape[0] for b in boxes]
-        for d, keypoints_i, scores_i in zip(detections, keypoints.split(counts), scores.split(counts)):
-            d["keypoints"], d["keypoints_scores"] = keypoints_i, scores_i
+        for d, c, keypoints_i, scores_i in zip(detections, chosen, keypoints.split(counts), scores.split(counts)):
+            if c is not None:  # back into all N_i rows, zeros elsewhere
+                keypoints_i = keypoints_i.new_zeros((c.shape[0],) + keypoints_i.shape[1:]).index_put_((c,), keypoints_i)
+                scores_i = scores_i.new_zeros((c.shape[0], scores_i.shape[1])).index_put_((c,), scores_i)
+            d["keypoints"], d["keypoints_scores"] = keypoints_i, scores_i  # (N_i, P, 3), (N_i, P)
+
+    def _keypoint_rows(self, labels: Tensor) -> Tensor | None:
+        """(N,) bool: the detections of `keypoint_classes`; None when every class has keypoints (the default)."""
+        if not self.keypoint_classes:
+            return None
+        return torch.isin(labels, torch.tensor(self.keypoint_classes, device=labels.device))
 
     def _decode_keypoints(self, logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         return heatmaps_to_keypoints(logits, boxes)
