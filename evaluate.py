@@ -217,11 +217,11 @@ def prepare_model_run(args) -> dict:
     if keypoints and dataset.num_keypoints == 0:
         raise UsageError(f"{args.config} predicts keypoints but {ann} has no keypoint annotations")
     state = read_detector_state(args.weights, cfg)
-    pinned = any(o.split("=", 1)[0].strip() == "model.roi_heads.num_classes" for o in args.overrides)
-    if not pinned:  # the classifier's rows (K + 1) say how many classes the weights predict
+    pinned = {o.split("=", 1)[0].strip() for o in args.overrides}  # keys the data must not replace
+    if "model.roi_heads.num_classes" not in pinned:  # the classifier's rows (K + 1) say how many classes it predicts
         classifier = [v for k, v in state.items() if k.endswith("cls_score.weight")]
         cfg.model.roi_heads.num_classes = classifier[0].shape[0] - 1 if classifier else dataset.num_classes
-    if keypoints and not any(o.split("=", 1)[0].strip() == "model.keypoint_head.classes" for o in args.overrides):
+    if keypoints and "model.keypoint_head.classes" not in pinned:
         cfg.model.keypoint_head.classes = dataset.keypoint_labels if dataset.num_classes == \
             cfg.model.roi_heads.num_classes else ()  # the data's labels apply when the classes are the data's
     model = minimask.build_model(cfg)

@@ -50,14 +50,13 @@ import minimask
 from minimask.cli import ArgumentParser, UsageError, ensure_writable_dir
 from minimask.config import PRESETS, apply_override
 from minimask.data.samplers import build_train_loader, consumed_samples
+from minimask.data.unlabelled import UnlabelledImages, unlabelled_sources
 from minimask.distributed import init_distributed
 from minimask.engine import loop
 from minimask.engine.checkpoint import code_version, list_checkpoints, prune_checkpoints, save_checkpoint
 from minimask.engine.run_log import plot_metrics
-from minimask.data.unlabelled import UnlabelledImages, unlabelled_sources
 from minimask.engine.solver import build_optimizer, cosine_lr_at, lr_at, lr_steps, scaled_lr
 from minimask.interop.imagenet import PROJECTION_HEADS
-from minimask.tools.contrastive import build_contrastive, default_queue_size
 from minimask.tools.classification import (
     BACKBONE_KEYS,
     PIXEL_KEYS,
@@ -66,6 +65,7 @@ from minimask.tools.classification import (
     evaluate,
     topk_correct,
 )
+from minimask.tools.contrastive import Contrastive, build_contrastive, default_queue_size
 
 EXIT_USAGE = loop.EXIT_USAGE
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1  # ImageNet ResNet recipe (He et al. 2016; Goyal et al. 2017)
@@ -120,10 +120,10 @@ def prepare(args) -> dict:
                              ("--queue-size", args.queue_size, 0)):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
-    for name, value in (("--lr", args.lr), ("--clip-grad-norm", args.clip_grad_norm),
-                        ("--temperature", args.temperature)):
-        if value is not None and not (math.isfinite(value) and value >= 0 and (name == "--clip-grad-norm" or value)):
-            raise UsageError(f"{name} must be finite and > 0, got {value}")
+    for name, value, zero_ok in (("--lr", args.lr, False), ("--temperature", args.temperature, False),
+                                 ("--clip-grad-norm", args.clip_grad_norm, True)):
+        if value is not None and not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            raise UsageError(f"{name} must be finite and {'>=' if zero_ok else '>'} 0, got {value}")
     if not (0 <= args.momentum < 1 and 0 <= args.dense_weight <= 1):
         raise UsageError(f"--momentum must be in [0, 1) and --dense-weight in [0, 1], got {args.momentum}, "
                          f"{args.dense_weight}")
@@ -240,8 +240,9 @@ def classification_loss(model, batch, *, device) -> dict:
 def restore(saved: dict, *, model, optimizer) -> None:
     """A checkpoint back into the model: a classifier's backbone, or a contrastive model's whole state (key
     encoder and queues included); model_final.pth of a contrastive run holds only the backbone and heads."""
-    if "queue" in saved["model"] or not hasattr(model, "queue"):
-        (model if hasattr(model, "queue") else model.backbone).load_state_dict(saved["model"])
+    contrastive = isinstance(model, Contrastive)
+    if "queue" in saved["model"] or not contrastive:
+        (model if contrastive else model.backbone).load_state_dict(saved["model"])
     else:
         model.backbone.load_state_dict({k: v for k, v in saved["model"].items() if not k.startswith(PROJECTION_HEADS)})
     if "optimizer" in saved:  # not in model_final.pth
@@ -262,7 +263,7 @@ class PretrainRun:
         if self.dist_info.rank != 0:
             return
         final = name == "model_final.pth"
-        if hasattr(self.model, "queue"):  # final: backbone + projection heads; else all, to resume exactly
+        if isinstance(self.model, Contrastive):  # final: backbone + projection heads; else all, to resume exactly
             weights = {**self.model.backbone_state(), **self.model.head_state()} if final else self.model.state_dict()
         else:
             weights = self.model.backbone_state()
@@ -305,7 +306,7 @@ class PretrainRun:
                 "pixels_seen": views * iteration * args.batch_size * args.image_size ** 2,
                 "in_channels": getattr(self.train_set, "channels", 3),
                 "modalities": list(cfg.input.modalities), "cross_modal": bool(args.cross_modal),
-                "queue_size": int(self.model.queue.shape[0]) if hasattr(self.model, "queue") else None,
+                "queue_size": int(self.model.queue.shape[0]) if isinstance(self.model, Contrastive) else None,
                 "lr": self.lr, "steps": list(self.steps), "seed": args.seed, "world_size": self.dist_info.world_size,
                 "backbone": {k: getattr(cfg.model.backbone, k) for k in BACKBONE_KEYS},
                 "pixel": {k: (list(v) if isinstance(v, tuple) else v)

@@ -75,13 +75,13 @@ def check_pretrain_metadata(info: dict | None, cfg, path: str) -> None:
     if channels == have:
         want.update({f"model.{k}": v for k, v in (info.get("pixel") or {}).items()})
     for key, value in want.items():
-        have = get_key(cfg, key)
-        same = (list(have) == list(value)) if isinstance(have, (list, tuple)) else have == value
-        if key == "model.backbone.norm" and have in ("FrozenBN", "BN", "SyncBN") and value in ("BN", "SyncBN"):
+        current = get_key(cfg, key)
+        same = (list(current) == list(value)) if isinstance(current, (list, tuple)) else current == value
+        if key == "model.backbone.norm" and current in ("FrozenBN", "BN", "SyncBN") and value in ("BN", "SyncBN"):
             same = True  # BN statistics load into any BatchNorm form (load_imagenet_backbone)
         if not same:
             raise ValueError(f"--weights {path} was pre-trained with {key}={value!r}, but the config has "
-                             f"{key}={have!r}: set it to match (or pre-train with this config)")
+                             f"{key}={current!r}: set it to match (or pre-train with this config)")
 
 
 def _frozen_prefixes(module: nn.Module, prefix: str = "") -> list[str]:

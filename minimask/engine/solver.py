@@ -104,12 +104,16 @@ def lr_at(
     if not _is_int(iteration) or iteration < 0:
         raise ValueError(f"lr_at: iteration must be an int >= 0, got {iteration!r}")
     num_drops = bisect.bisect_right(tuple(steps), iteration)  # detectron2 convention: steps s <= iteration count
-    lr = base_lr * gamma**num_drops
+    return float(base_lr * gamma**num_drops * _warmup(iteration, max_iter, warmup_iters, warmup_factor))
+
+
+def _warmup(iteration: int, max_iter: int, warmup_iters: int, warmup_factor: float) -> float:
+    """The linear warm-up factor w of `lr_at`'s docstring (detectron2 `_get_warmup_factor_at_iter`, "linear")."""
     warmup = min(warmup_iters, max_iter // 10)
-    if iteration < warmup:
-        alpha = iteration / warmup
-        lr *= warmup_factor * (1 - alpha) + alpha  # detectron2 `_get_warmup_factor_at_iter`, method "linear"
-    return float(lr)
+    if iteration >= warmup:
+        return 1.0
+    alpha = iteration / warmup
+    return warmup_factor * (1 - alpha) + alpha
 
 
 def cosine_lr_at(iteration: int, *, base_lr: float, max_iter: int, warmup_iters: int = 0,
@@ -121,11 +125,7 @@ def cosine_lr_at(iteration: int, *, base_lr: float, max_iter: int, warmup_iters:
     if not _is_int(iteration) or iteration < 0:
         raise ValueError(f"cosine_lr_at: iteration must be an int >= 0, got {iteration!r}")
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
-    warmup = min(warmup_iters, max_iter // 10)
-    if iteration < warmup:
-        alpha = iteration / warmup
-        lr *= warmup_factor * (1 - alpha) + alpha
-    return float(lr)
+    return float(lr * _warmup(iteration, max_iter, warmup_iters, warmup_factor))
 
 
 def scaled_lr(base_lr: float, batch_size: int, reference_batch: int = 16) -> float:
